@@ -1,0 +1,114 @@
+"""Backend registry: which implementation of the step ops runs for a given device.
+
+A backend is an object with the four normalised ops (``em_step``, ``backward_noise``,
+``flow_step``, ``adjoint_step``), each taking ``dt`` / ``g`` already as ``(B,)`` tensors
+(see :mod:`diffflow_ext.ops.reference` for the math every backend must match), plus
+``devices`` (the device types it serves) and ``available()`` -> ``(ok, reason)``.
+
+Selection: ``backend="auto"`` picks the first available backend for the tensors'
+device from :data:`PREFERENCE`; the environment variable ``DIFFFLOW_BACKEND`` (one of
+:data:`BACKENDS`) overrides ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+ENV_VAR = "DIFFFLOW_BACKEND"
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# Fastest first, per device type.
+PREFERENCE = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    em_step: Callable
+    backward_noise: Callable
+    flow_step: Callable
+    adjoint_step: Callable
+    available: Callable[[], tuple[bool, str]]
+
+
+def _always() -> tuple[bool, str]:
+    return True, "pure PyTorch reference ops"
+
+
+TORCH = Backend(
+    name="torch",
+    devices=("cpu", "cuda", "mps", "xpu", "meta"),
+    em_step=reference.em_step_ref,
+    backward_noise=reference.backward_noise_ref,
+    flow_step=reference.flow_step_ref,
+    adjoint_step=reference.adjoint_step_ref,
+    available=_always,
+)
+
+_REGISTRY: dict[str, Backend] = {"torch": TORCH}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str) -> tuple[bool, str]:
+    b = _REGISTRY.get(name)
+    if b is None:
+        return False, "not part of this install"
+    return b.available()
+
+
+def available_backends() -> dict[str, dict]:
+    """What this install has: ``{name: {"available": bool, "devices": [...], "reason": str}}``."""
+    out = {}
+    for name in BACKENDS[1:]:
+        ok, why = _status(name)
+        b = _REGISTRY.get(name)
+        out[name] = {"available": ok, "devices": list(b.devices) if b else [], "reason": why}
+    return out
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend object to run for tensors on ``device``; clear errors when it cannot."""
+    check_backend_name(backend)
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(
+                    f"{ENV_VAR}: expected one of {', '.join(map(repr, BACKENDS))}, got {forced!r}"
+                )
+            backend = forced
+    if backend == "auto":
+        for name in PREFERENCE.get(device.type, ("torch",)):
+            if _status(name)[0]:
+                return _REGISTRY[name]
+        return TORCH
+    ok, why = _status(backend)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available in this install: {why}")
+    b = _REGISTRY[backend]
+    if device.type not in b.devices:
+        raise ValueError(
+            f"backend {backend!r} runs on {', '.join(b.devices)} tensors, but the tensors are on {device}"
+        )
+    return b
