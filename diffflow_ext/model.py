@@ -1,0 +1,293 @@
+"""The DiffFlow model: a learnable-drift forward SDE and a learnable-score backward SDE."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .adjoint import Walk, adjoint_loss, forward_walk
+from .networks import TimeMLP
+from .ops.backends import check_backend_name
+from .ops.reference import acc_dtype
+from .schedules import GRIDS, Diffusion, DiffusionSpec, check_num_steps, flexible_grid, polynomial_grid
+
+__all__ = ["DiffFlow", "NLLBound", "GRADIENT_MODES"]
+
+GRADIENT_MODES = ("adjoint", "autograd")
+
+
+class NLLBound(NamedTuple):
+    """Per-sample negative ELBO (an upper bound on -log p(x_0)) in nats and in bits per dimension."""
+
+    nats: Tensor
+    bits_per_dim: Tensor
+
+
+def _choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+class DiffFlow(nn.Module):
+    """Diffusion Normalizing Flow.
+
+    Forward SDE ``dx = f(x,t) dt + g(t) dw`` (learnable drift ``f``) from data at ``t_start`` to noise at
+    ``t_end``; backward SDE ``dx = [f - g^2 s(x,t)] dt + g dw`` (learnable score ``s``) back to data;
+    both trained jointly by the trajectory KL (Algorithm 1 of the paper).
+
+    Args:
+        drift, score: modules called as ``net(x, t)`` with ``x`` of shape ``(B, *data_shape)`` and ``t`` of
+            shape ``(B,)``, returning a tensor shaped like ``x``.
+        data_shape: shape of one sample.
+        num_steps: N, the number of Euler-Maruyama steps.
+        t_start, t_end, time_exponent: the fixed grid ``linspace(t_start**e, t_end**e, N+1)**(1/e)``.
+        diffusion: g -- a positive float, a sequence of N+1 positive values (one per grid point) or a callable
+            of t.
+        prior_std: standard deviation of the Gaussian prior ``p_B(x_N)``.
+        gradient: ``"adjoint"`` (keep the states, recompute each step backwards) or ``"autograd"``.
+        backend: step-op backend, see :func:`diffflow_ext.available_backends`.
+        grid: ``"fixed"`` or ``"flexible"`` (interior points redrawn every batch) for training.
+    """
+
+    def __init__(
+        self,
+        drift: nn.Module,
+        score: nn.Module,
+        data_shape: Sequence[int] | int,
+        *,
+        num_steps: int = 30,
+        t_start: float = 1e-3,
+        t_end: float = 0.05,
+        time_exponent: float = 0.9,
+        diffusion: DiffusionSpec = 0.2,
+        prior_std: float = 1.0,
+        gradient: str = "adjoint",
+        backend: str = "auto",
+        grid: str = "fixed",
+    ):
+        super().__init__()
+        for name, net in (("drift", drift), ("score", score)):
+            if not callable(net):
+                raise TypeError(f"{name}: expected a module called as net(x, t), got {type(net).__name__}")
+        if isinstance(data_shape, int):
+            data_shape = (data_shape,)
+        data_shape = tuple(data_shape)
+        if not data_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in data_shape):
+            raise ValueError(f"data_shape: expected a non-empty tuple of positive integers, got {data_shape!r}")
+        self.drift, self.score = drift, score
+        self.data_shape = data_shape
+        self.num_steps = check_num_steps(num_steps)
+        self.t_start, self.t_end = float(t_start), float(t_end)
+        self.time_exponent = _positive("time_exponent", time_exponent)
+        polynomial_grid(1, self.t_start, self.t_end, self.time_exponent)  # validates the range
+        self.diffusion = Diffusion(diffusion)
+        self.diffusion.check_steps(self.num_steps)
+        self.prior_std = _positive("prior_std", prior_std)
+        self.gradient = _choice("gradient", gradient, GRADIENT_MODES)
+        self.backend = check_backend_name(backend)
+        self.grid = _choice("grid", grid, GRIDS)
+        self._net_config: dict | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def mlp(cls, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, **kwargs) -> "DiffFlow":
+        """DiffFlow on ``dim``-dimensional vectors with the paper's time-conditioned MLPs."""
+        model = cls(TimeMLP(dim, hidden, depth, time_dim), TimeMLP(dim, hidden, depth, time_dim), (dim,), **kwargs)
+        model._net_config = {"dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim}
+        return model
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (for :meth:`from_config`); MLP models only."""
+        if self._net_config is None:
+            raise ValueError("config: only models built with DiffFlow.mlp(...) describe their networks")
+        diffusion = self.diffusion.config()
+        if diffusion is None:
+            raise ValueError("config: a callable diffusion cannot be serialised; pass a float or a sequence")
+        return {
+            **self._net_config,
+            "num_steps": self.num_steps,
+            "t_start": self.t_start,
+            "t_end": self.t_end,
+            "time_exponent": self.time_exponent,
+            "diffusion": diffusion,
+            "prior_std": self.prior_std,
+            "gradient": self.gradient,
+            "backend": self.backend,
+            "grid": self.grid,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DiffFlow":
+        cfg = dict(cfg)
+        net = {k: cfg.pop(k) for k in ("dim", "hidden", "depth", "time_dim") if k in cfg}
+        return cls.mlp(**net, **cfg)
+
+    # ------------------------------------------------------------------ grids
+    @property
+    def timestamps(self) -> Tensor:
+        """The fixed grid ``(N+1,)`` in float64."""
+        return polynomial_grid(self.num_steps, self.t_start, self.t_end, self.time_exponent)
+
+    def _param_like(self) -> Tensor:
+        for p in self.parameters():
+            return p
+        return torch.empty(0)
+
+    def time_grid(
+        self, batch_size: int, *, num_steps: int | None = None, grid: str | None = None,
+        generator: torch.Generator | None = None, device=None,
+    ) -> Tensor:
+        """Per-sample grids ``(B, N+1)`` in float64 (fixed, or flexible when ``grid="flexible"``)."""
+        n = self.num_steps if num_steps is None else check_num_steps(num_steps)
+        grid = self.grid if grid is None else _choice("grid", grid, GRIDS)
+        base = polynomial_grid(n, self.t_start, self.t_end, self.time_exponent)
+        if grid == "flexible":
+            return flexible_grid(base, batch_size, generator).to(device)
+        return base.expand(batch_size, n + 1).to(device)
+
+    def _walk(self, x: Tensor, t64: Tensor, generator: torch.Generator | None) -> Walk:
+        acc = acc_dtype(x.dtype)
+        dt = (t64[:, 1:] - t64[:, :-1]).to(acc)
+        g = self.diffusion.at_grid(t64).to(acc)
+
+        def noise(like: Tensor) -> Tensor:
+            return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+        return Walk(self.drift, self.score, t64.to(x.dtype), dt, g, self.prior_nll, noise, self.backend)
+
+    def _check_data(self, name: str, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape (B, {self.data_shape}), got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.data_shape or x.dim() != len(self.data_shape) + 1 or x.shape[0] < 1:
+            raise ValueError(
+                f"{name}: expected shape (B, {', '.join(map(str, self.data_shape))}) with B >= 1, got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating tensor, got {x.dtype}")
+        return x
+
+    # ------------------------------------------------------------------ densities of the prior
+    @property
+    def dim(self) -> int:
+        return math.prod(self.data_shape)
+
+    def prior_nll(self, x: Tensor) -> Tensor:
+        """``-log N(x; 0, prior_std^2 I)`` per sample, normaliser included."""
+        sq = x.to(acc_dtype(x.dtype)).square().reshape(x.shape[0], -1).sum(1)
+        return 0.5 * sq / self.prior_std**2 + 0.5 * self.dim * math.log(2 * math.pi * self.prior_std**2)
+
+    # ------------------------------------------------------------------ training
+    def loss_per_sample(
+        self, x0: Tensor, generator: torch.Generator | None = None, *, num_steps: int | None = None,
+        grid: str | None = None,
+    ) -> Tensor:
+        """``-log p_B(x_N) + sum_i 0.5||delta_i^B||^2`` for each sample, ``(B,)``."""
+        self._check_data("x0", x0)
+        t = self.time_grid(x0.shape[0], num_steps=num_steps, grid=grid, generator=generator, device=x0.device)
+        walk = self._walk(x0, t, generator)
+        if self.gradient == "adjoint" and torch.is_grad_enabled():
+            return adjoint_loss(walk, x0)
+        return forward_walk(walk, x0, keep_states=False).loss
+
+    def loss(
+        self, x0: Tensor, generator: torch.Generator | None = None, *, num_steps: int | None = None,
+        grid: str | None = None,
+    ) -> Tensor:
+        """The training objective of Algorithm 1: the batch mean of :meth:`loss_per_sample`."""
+        return self.loss_per_sample(x0, generator, num_steps=num_steps, grid=grid).mean()
+
+    forward = loss
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def nll_bound(
+        self, x0: Tensor, generator: torch.Generator | None = None, *, num_steps: int | None = None,
+    ) -> NLLBound:
+        """Per-sample negative ELBO of ``-log p(x0)`` in nats (every constant included) and bits/dim.
+
+        With Gaussian transitions ``p_F(x_{i+1}|x_i) = N(x_i + f_i dt_i, g_i^2 dt_i I)`` and
+        ``p_B(x_i|x_{i+1}) = N(x_{i+1} - (f_{i+1} - g_{i+1}^2 s_{i+1}) dt_i, g_{i+1}^2 dt_i I)``,
+
+            log p_F(x_{i+1}|x_i) - log p_B(x_i|x_{i+1}) = D log(g_{i+1}/g_i) + 0.5||delta_i||^2 - 0.5||eps_i||^2,
+
+        so ``-ELBO = -log p_B(x_N) + sum_i [0.5||delta_i||^2 - 0.5||eps_i||^2] + D sum_i log(g_{i+1}/g_i)``.
+        The sampled ``eps`` terms (rather than their mean ``D/2``) keep the estimate's variance low.
+        """
+        self._check_data("x0", x0)
+        t = self.time_grid(x0.shape[0], num_steps=num_steps, grid="fixed", device=x0.device)
+        walk = self._walk(x0, t, generator)
+        res = forward_walk(walk, x0, keep_states=False, eps_norms=True)
+        log_g = torch.log(walk.g)
+        nats = res.loss - res.eps_half_sqnorm + self.dim * (log_g[:, -1] - log_g[:, 0])
+        return NLLBound(nats, nats / (self.dim * math.log(2.0)))
+
+    @torch.no_grad()
+    def forward_trajectory(
+        self, x0: Tensor, generator: torch.Generator | None = None, *, num_steps: int | None = None,
+    ) -> Tensor:
+        """States ``x_0..x_N`` of the forward SDE, ``(N+1, B, *data_shape)``."""
+        self._check_data("x0", x0)
+        t = self.time_grid(x0.shape[0], num_steps=num_steps, grid="fixed", device=x0.device)
+        return torch.stack(forward_walk(self._walk(x0, t, generator), x0, keep_states=True).states)
+
+    def sample(
+        self, n: int, *, lam: float = 1.0, num_steps: int | None = None, generator: torch.Generator | None = None,
+        denoise: bool = True, return_trajectory: bool = False, method: str = "em", x_init: Tensor | None = None,
+        device=None, dtype=None,
+    ):
+        """Draw ``n`` samples with the marginal-equivalent backward SDE
+        ``dx = [f - (1+lam^2)/2 g^2 s] dt + lam g dw`` (lam=0: the probability-flow ODE).
+
+        ``method`` picks a sampler from :data:`diffflow_ext.samplers.SAMPLERS` (``"em"``: Euler-Maruyama on the
+        grid; ``"ode"``: adaptive probability-flow ODE solve). ``denoise``: no noise in the last step.
+        Returns ``(n, *data_shape)`` or, with ``return_trajectory``, ``(samples, traj)`` with
+        ``traj[i]`` the state at ``t_i``, shape ``(N+1, n, *data_shape)``.
+        """
+        from .samplers import get_sampler
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive integer number of samples, got {n!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+            raise ValueError(f"lam: expected a number >= 0, got {lam!r}")
+        ref = self._param_like()
+        device = device if device is not None else (ref.device if ref.numel() else "cpu")
+        dtype = dtype if dtype is not None else (ref.dtype if ref.numel() else torch.float32)
+        if x_init is None:
+            x_init = self.prior_std * torch.randn(
+                (n, *self.data_shape), generator=generator, device=device, dtype=dtype)
+        else:
+            self._check_data("x_init", x_init)
+        sampler = get_sampler(method)
+        with torch.no_grad():
+            traj = sampler(self, x_init, lam=float(lam), num_steps=num_steps, generator=generator, denoise=denoise,
+                           keep_trajectory=return_trajectory)
+        samples = traj[0] if return_trajectory else traj
+        return (samples, traj) if return_trajectory else samples
+
+    def log_prob(self, x: Tensor, **kwargs) -> Tensor:
+        """Exact log-likelihood through the probability-flow ODE (see :func:`diffflow_ext.likelihood.log_prob`)."""
+        from .likelihood import log_prob
+
+        self._check_data("x", x)
+        return log_prob(self, x, **kwargs)
+
+    # ------------------------------------------------------------------ shared coefficients
+    def diffusion_at(self, t: Tensor) -> Tensor:
+        """g at continuous times ``t`` (any shape)."""
+        return self.diffusion.at_time(t, self.timestamps.to(t.device))
+
+    def extra_repr(self) -> str:
+        return (f"data_shape={self.data_shape}, num_steps={self.num_steps}, t=[{self.t_start}, {self.t_end}], "
+                f"time_exponent={self.time_exponent}, gradient={self.gradient!r}, backend={self.backend!r}, "
+                f"grid={self.grid!r}")

@@ -1,0 +1,159 @@
+"""Time grids, diffusion coefficients and step-count schedules.
+
+A time grid runs from ``t_0`` (data side, near 0) to ``t_N = T`` (noise side). The model always
+works with a per-sample grid of shape ``(B, N + 1)``: the fixed grid is broadcast, a flexible
+grid draws each interior point inside its cell, fresh for every batch and every sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRIDS",
+    "polynomial_grid",
+    "flexible_grid",
+    "Diffusion",
+    "ProgressiveSteps",
+    "check_num_steps",
+]
+
+GRIDS = ("fixed", "flexible")
+
+
+def check_num_steps(num_steps: object, name: str = "num_steps") -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"{name}: expected a positive integer number of steps, got {num_steps!r}")
+    return num_steps
+
+
+def polynomial_grid(
+    num_steps: int, t_start: float, t_end: float, exponent: float, *, dtype=torch.float64, device=None
+) -> Tensor:
+    """The paper's fixed grid ``t_i = linspace(t_start**e, t_end**e, N+1)**(1/e)``, shape ``(N+1,)``."""
+    check_num_steps(num_steps)
+    if not exponent > 0:
+        raise ValueError(f"time_exponent: expected a positive number, got {exponent}")
+    if not (0.0 <= t_start < t_end):
+        raise ValueError(f"t_start, t_end: expected 0 <= t_start < t_end, got t_start={t_start}, t_end={t_end}")
+    base = torch.linspace(t_start**exponent, t_end**exponent, num_steps + 1, dtype=torch.float64)
+    t = base ** (1.0 / exponent)
+    t[0], t[-1] = t_start, t_end  # exact endpoints despite the round trip through the power
+    return t.to(dtype=dtype, device=device)
+
+
+def flexible_grid(grid: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample grids ``(B, N+1)``: endpoints kept, each interior ``t_i`` uniform in its cell.
+
+    The cell of ``t_i`` is ``[(t_{i-1} + t_i)/2, (t_i + t_{i+1})/2]`` so that the points stay ordered
+    and every step stays positive.
+    """
+    n = grid.numel() - 1
+    out = grid.expand(batch_size, n + 1).clone()
+    if n >= 2:
+        lo = 0.5 * (grid[:-2] + grid[1:-1])
+        hi = 0.5 * (grid[1:-1] + grid[2:])
+        u = torch.rand((batch_size, n - 1), generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu")
+        out[:, 1:-1] = (lo + (hi - lo) * u.to(device=grid.device, dtype=grid.dtype))
+    return out
+
+
+DiffusionSpec = Union[float, int, Sequence[float], Tensor, Callable[[Tensor], Tensor]]
+
+
+class Diffusion:
+    """The diffusion coefficient g: a constant, one value per grid point, or a callable of t.
+
+    ``at_grid(t)`` gives g at each point of a ``(B, N+1)`` grid; ``at_time(t)`` at continuous times
+    (per-grid-point values are interpolated linearly over the fixed grid for the ODE).
+    """
+
+    def __init__(self, spec: DiffusionSpec):
+        self.spec = spec
+        if callable(spec) and not isinstance(spec, Tensor):
+            self.kind = "callable"
+        elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            if not spec > 0:
+                raise ValueError(f"diffusion: expected a positive value of g, got {spec}")
+            self.kind = "constant"
+        else:
+            values = torch.as_tensor(spec, dtype=torch.float64).flatten()
+            if values.numel() < 2 or not bool((values > 0).all()):
+                raise ValueError(
+                    "diffusion: expected a positive float, a sequence of N+1 positive values (one per grid "
+                    f"point) or a callable of t; got {spec!r}"
+                )
+            self.kind = "per_point"
+            self.values = values
+
+    def config(self):
+        if self.kind == "constant":
+            return float(self.spec)
+        if self.kind == "per_point":
+            return self.values.tolist()
+        return None  # callables are not serialisable; the caller must pass them again
+
+    def check_steps(self, num_steps: int) -> None:
+        if self.kind == "per_point" and self.values.numel() != num_steps + 1:
+            raise ValueError(
+                f"diffusion: {self.values.numel()} per-grid-point values given, but num_steps={num_steps} needs "
+                f"{num_steps + 1}; pass a float or a callable of t to change the number of steps"
+            )
+
+    def at_grid(self, t: Tensor) -> Tensor:
+        if self.kind == "constant":
+            return torch.full_like(t, float(self.spec))
+        if self.kind == "per_point":
+            self.check_steps(t.shape[-1] - 1)
+            return self.values.to(device=t.device, dtype=t.dtype).expand_as(t).clone()
+        return self._call(t)
+
+    def at_time(self, t: Tensor, fixed_grid: Tensor) -> Tensor:
+        if self.kind == "constant":
+            return torch.full_like(t, float(self.spec))
+        if self.kind == "per_point":
+            grid = fixed_grid.to(device=t.device, dtype=t.dtype)
+            vals = self.values.to(device=t.device, dtype=t.dtype)
+            idx = torch.searchsorted(grid, t.clamp(grid[0], grid[-1]).contiguous()).clamp(1, grid.numel() - 1)
+            t0, t1 = grid[idx - 1], grid[idx]
+            w = (t - t0) / (t1 - t0)
+            return vals[idx - 1] * (1 - w) + vals[idx] * w
+        return self._call(t)
+
+    def _call(self, t: Tensor) -> Tensor:
+        g = self.spec(t)
+        g = torch.as_tensor(g, dtype=t.dtype, device=t.device)
+        if g.shape != t.shape:
+            g = g.expand(t.shape)
+        return g
+
+
+class ProgressiveSteps:
+    """Progressive training: the number of steps N grows from ``start`` to ``end`` during training.
+
+    ``N(it)`` rises linearly in ``warmup_iters`` iterations, rounded to a multiple of ``multiple``.
+    """
+
+    def __init__(self, start: int = 5, end: int = 30, warmup_iters: int = 1000, multiple: int = 1):
+        check_num_steps(start, "start")
+        check_num_steps(end, "end")
+        if end < start:
+            raise ValueError(f"end: expected end >= start ({start}), got {end}")
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters: expected a non-negative integer, got {warmup_iters}")
+        self.start, self.end, self.warmup_iters, self.multiple = start, end, warmup_iters, max(1, int(multiple))
+
+    def __call__(self, iteration: int) -> int:
+        if self.warmup_iters == 0 or iteration >= self.warmup_iters:
+            return self.end
+        n = self.start + (self.end - self.start) * iteration / self.warmup_iters
+        n = int(math.floor(n / self.multiple)) * self.multiple
+        return max(self.start, min(self.end, n))
+
+    def __repr__(self) -> str:
+        return f"ProgressiveSteps(start={self.start}, end={self.end}, warmup_iters={self.warmup_iters})"
