@@ -8,6 +8,14 @@ A backend is an object with the four normalised ops (``em_step``, ``backward_noi
 Selection: ``backend="auto"`` picks the first available backend for the tensors'
 device from :data:`PREFERENCE`; the environment variable ``DIFFFLOW_BACKEND`` (one of
 :data:`BACKENDS`) overrides ``"auto"``.
+
+Backends:
+
+* ``torch``  -- the pure-PyTorch reference ops (any device, always available);
+* ``cpu``    -- compiled C++ kernels (``diffflow_ext._C``), ops ``torch.ops.diffflow_ext.*``;
+* ``cuda``   -- compiled CUDA kernels (``diffflow_ext._C_cuda``), same ops, CUDA tensors;
+* ``triton`` -- Triton kernels (:mod:`.triton_kernels`), ops ``torch.ops.diffflow_ext_triton.*``,
+  CUDA tensors (and CPU tensors in the Triton interpreter, ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import _library, reference
 
 ENV_VAR = "DIFFFLOW_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -56,7 +64,67 @@ TORCH = Backend(
     available=_always,
 )
 
-_REGISTRY: dict[str, Backend] = {"torch": TORCH}
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+
+
+def _cuda_device() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False)"
+    return True, ""
+
+
+def _cpu_available() -> tuple[bool, str]:
+    return _library.compiled_status("cpu")
+
+
+def _cuda_available() -> tuple[bool, str]:
+    ok, why = _library.compiled_status("cuda")
+    if not ok:
+        return ok, why
+    dev_ok, dev_why = _cuda_device()
+    return (True, why) if dev_ok else (False, dev_why)
+
+
+def _triton_available() -> tuple[bool, str]:
+    from . import triton_kernels
+
+    ok, why = triton_kernels.status()
+    if not ok:
+        return ok, why
+    if _interpret_mode():
+        return True, why + " (TRITON_INTERPRET=1: interpreter on CPU tensors)"
+    dev_ok, dev_why = _cuda_device()
+    return (True, why) if dev_ok else (False, dev_why + "; set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+
+
+def _op_backend(name: str, namespace: str, devices: tuple[str, ...], available: Callable) -> Backend:
+    def call(op_name):
+        def fn(*args):
+            return getattr(getattr(torch.ops, namespace), op_name)(*args)
+
+        fn.__name__ = f"{name}_{op_name}"
+        fn.__qualname__ = fn.__name__
+        return fn
+
+    return Backend(
+        name=name,
+        devices=devices,
+        em_step=call("em_step"),
+        backward_noise=call("backward_noise"),
+        flow_step=call("flow_step"),
+        adjoint_step=call("adjoint_step"),
+        available=available,
+    )
+
+
+CPU = _op_backend("cpu", _library.NAMESPACE, ("cpu",), _cpu_available)
+CUDA = _op_backend("cuda", _library.NAMESPACE, ("cuda",), _cuda_available)
+TRITON = _op_backend(
+    "triton", _library.TRITON_NAMESPACE, ("cuda", "cpu") if _interpret_mode() else ("cuda",), _triton_available
+)
+
+_REGISTRY: dict[str, Backend] = {"torch": TORCH, "cpu": CPU, "cuda": CUDA, "triton": TRITON}
 
 
 def register(backend: Backend) -> None:

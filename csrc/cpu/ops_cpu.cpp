@@ -1,0 +1,156 @@
+// C++ CPU kernels of the DiffFlow step ops: one pass over memory per op, parallel over
+// (row, column-chunk) tiles with at::parallel_for, vectorised over features with
+// at::vec::Vectorized (float32/float64 natively, float16/bfloat16 computed in float32).
+//
+// Per-row sums are accumulated per tile in the accumulation type and combined in a fixed
+// order, so results are deterministic and independent of the number of threads' scheduling.
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "diffflow_ext/cpu.h"
+#include "diffflow_ext/host.h"
+#include "diffflow_ext/pymodule.h"
+
+namespace diffflow_ext {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+inline constexpr bool is_reduced_v = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+
+// Load n (<= Vec::size()) elements as a vector of the accumulation type (missing lanes are 0).
+template <typename scalar_t, typename A = at::opmath_type<scalar_t>>
+inline at::vec::Vectorized<A> vload(const scalar_t* p, int64_t n) {
+  using Vec = at::vec::Vectorized<A>;
+  if constexpr (is_reduced_v<scalar_t>) {
+    Vec out;
+    if (n == Vec::size()) {
+      at::vec::load_to_float<scalar_t>(p, out);
+    } else {
+      scalar_t buf[Vec::size()];
+      for (int64_t i = 0; i < Vec::size(); ++i) buf[i] = i < n ? p[i] : scalar_t(0);
+      at::vec::load_to_float<scalar_t>(buf, out);
+    }
+    return out;
+  } else {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  }
+}
+
+template <typename scalar_t, typename A = at::opmath_type<scalar_t>>
+inline void vstore(scalar_t* p, const at::vec::Vectorized<A>& v, int64_t n) {
+  if constexpr (is_reduced_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);  // first Vec::size() lanes are v
+  } else {
+    v.store(p, n);
+  }
+}
+
+constexpr int64_t kMinChunk = 4096;     // elements of one row handled by a tile when rows are split
+constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+struct CpuLauncher {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+
+  template <typename scalar_t, typename Op>
+  static void run(const Op& op, int64_t B, int64_t D, const std::array<const scalar_t*, Op::NIN>& in,
+                  const std::array<scalar_t*, Op::NOUT>& out, const std::array<at::Tensor, Op::NRED>& red) {
+    using A = at::opmath_type<scalar_t>;
+    using Vec = at::vec::Vectorized<A>;
+    constexpr int64_t VS = Vec::size();
+    constexpr int NR = Op::NRED > 0 ? Op::NRED : 1;
+
+    std::array<A*, NR> red_ptr{};
+    bool any_red = false;
+    for (int k = 0; k < Op::NRED; ++k) {
+      red_ptr[k] = red[k].defined() ? red[k].template mutable_data_ptr<A>() : nullptr;
+      any_red = any_red || red_ptr[k] != nullptr;
+    }
+
+    // Tiles: rows, or (row, column chunk) when there are too few rows to keep every thread busy.
+    const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t C = 1;
+    if (D >= 2 * kMinChunk && B < 4 * nthreads) {
+      C = std::min(ceil_div(D, kMinChunk), ceil_div(4 * nthreads, B));
+    }
+    int64_t chunk = ceil_div(ceil_div(D, C), VS) * VS;
+    C = chunk > 0 ? ceil_div(D, chunk) : 1;
+    std::vector<A> partial(any_red && C > 1 ? static_cast<size_t>(NR * B * C) : 0);
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(chunk, 1));
+
+    at::parallel_for(0, B * C, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / C, c = t % C;
+        const int64_t j0 = c * chunk, j1 = std::min(D, j0 + chunk);
+        const auto r = op.row(b);
+        const int64_t off = b * D;
+        Vec acc[NR];
+        for (int k = 0; k < NR; ++k) acc[k] = Vec(A(0));
+        int64_t j = j0;
+        for (; j + VS <= j1; j += VS) {
+          Vec vin[Op::NIN], vout[Op::NOUT], vred[NR];
+          for (int i = 0; i < Op::NIN; ++i) vin[i] = in[i] ? vload<scalar_t>(in[i] + off + j, VS) : Vec(A(0));
+          op.elem(r, vin, vout, vred);
+          for (int o = 0; o < Op::NOUT; ++o) vstore<scalar_t>(out[o] + off + j, vout[o], VS);
+          if (any_red) {
+            for (int k = 0; k < Op::NRED; ++k) acc[k] = acc[k] + vred[k];
+          }
+        }
+        // Scalar tail (and whole rows when D < Vec::size()): same element math with T = A.
+        A tail[NR] = {};
+        for (; j < j1; ++j) {
+          A sin[Op::NIN], sout[Op::NOUT], sred[NR];
+          for (int i = 0; i < Op::NIN; ++i) sin[i] = in[i] ? static_cast<A>(in[i][off + j]) : A(0);
+          op.elem(r, sin, sout, sred);
+          for (int o = 0; o < Op::NOUT; ++o) out[o][off + j] = static_cast<scalar_t>(sout[o]);
+          for (int k = 0; k < Op::NRED; ++k) tail[k] += sred[k];
+        }
+        if (any_red) {
+          for (int k = 0; k < Op::NRED; ++k) {
+            if (!red_ptr[k]) continue;
+            A lanes[VS];
+            acc[k].store(lanes);
+            A s = A(0);
+            for (int64_t l = 0; l < VS; ++l) s += lanes[l];
+            s += tail[k];
+            if (C == 1) {
+              red_ptr[k][b] = s;
+            } else {
+              partial[(k * B + b) * C + c] = s;
+            }
+          }
+        }
+      }
+    });
+    if (any_red && C > 1) {
+      for (int k = 0; k < Op::NRED; ++k) {
+        if (!red_ptr[k]) continue;
+        for (int64_t b = 0; b < B; ++b) {
+          A s = A(0);
+          for (int64_t c = 0; c < C; ++c) s += partial[(k * B + b) * C + c];
+          red_ptr[k][b] = s;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace cpu
+
+// Exported, so that C++ code (csrc/tests) can call the kernels without the Python schemas.
+template struct Ops<cpu::CpuLauncher>;
+
+}  // namespace diffflow_ext
+
+TORCH_LIBRARY_IMPL(diffflow_ext, CPU, m) { diffflow_ext::register_impls<diffflow_ext::cpu::CpuLauncher>(m); }
