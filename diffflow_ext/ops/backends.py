@@ -20,7 +20,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -63,6 +62,7 @@ TORCH = Backend(
     adjoint_step=reference.adjoint_step_ref,
     available=_always,
 )
+
 
 def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
@@ -129,14 +129,28 @@ _REGISTRY: dict[str, Backend] = {"torch": TORCH, "cpu": CPU, "cuda": CUDA, "trit
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _STATUS.pop(backend.name, None)
 
 
-@functools.lru_cache(maxsize=None)
+# Availability of each backend, computed once (at import, see the end of this module) and then a plain
+# dict lookup, so that resolve() is traceable by torch.compile (fullgraph).
+_STATUS: dict[str, tuple[bool, str]] = {}
+
+
 def _status(name: str) -> tuple[bool, str]:
-    b = _REGISTRY.get(name)
-    if b is None:
-        return False, "not part of this install"
-    return b.available()
+    st = _STATUS.get(name)
+    if st is None:
+        b = _REGISTRY.get(name)
+        st = (False, "not part of this install") if b is None else b.available()
+        _STATUS[name] = st
+    return st
+
+
+def refresh() -> None:
+    """Recompute the backends' availability (e.g. after loading a library with torch.ops.load_library)."""
+    _STATUS.clear()
+    for name in _REGISTRY:
+        _status(name)
 
 
 def available_backends() -> dict[str, dict]:
@@ -180,3 +194,17 @@ def resolve(backend: str, device: torch.device) -> Backend:
             f"backend {backend!r} runs on {', '.join(b.devices)} tensors, but the tensors are on {device}"
         )
     return b
+
+
+def _register_triton_impls() -> None:
+    """Import the Triton kernels (registering their impls) when they can run here."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    if _interpret_mode() or torch.cuda.is_available():
+        from . import triton_kernels  # noqa: F401
+
+
+_register_triton_impls()
+refresh()
