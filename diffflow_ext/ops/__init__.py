@@ -30,12 +30,12 @@ __all__ = [
 
 
 def em_step(x: Tensor, drift: Tensor, noise: Tensor, dt: Scalar, g: Scalar, *, backend: str = "auto") -> Tensor:
-    """``x + drift*dt + g*sqrt(dt)*noise`` for ``x`` of shape ``(B, ...)``."""
+    """``x + drift*dt + g*sqrt(dt)*noise`` for ``x`` of shape ``(B, ...)`` (``g >= 0``)."""
     check_state("x", x)
     check_like("drift", drift, x, "x")
     check_like("noise", noise, x, "x")
     dt_t = per_sample_scalar("dt", dt, x)
-    g_t = per_sample_scalar("g", g, x)
+    g_t = per_sample_scalar("g", g, x, allow_zero=True)  # g = 0: a deterministic (ODE) step
     return resolve(backend, x.device).em_step(x, drift, noise, dt_t, g_t)
 
 

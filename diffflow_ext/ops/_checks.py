@@ -43,12 +43,12 @@ def check_state(name: str, x: object) -> Tensor:
     return x
 
 
-def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True) -> Tensor:
+def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True, allow_zero: bool = False) -> Tensor:
     """Normalise ``dt`` or ``g`` (Python number, 0-d tensor or ``(B,)`` tensor) to a ``(B,)`` tensor.
 
     The result has the accumulation dtype of ``x`` (float32 for half types) and lives on ``x``'s
     device; tensors keep their autograd history. Python numbers are checked to be positive
-    (tensors are not inspected, which would force a device sync).
+    (tensors are not inspected, which would force a device sync); ``allow_zero`` admits 0.
     """
     B = x.shape[0]
     dtype = acc_dtype(x.dtype)
@@ -66,8 +66,9 @@ def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True)
             f"got shape {tuple(v.shape)}"
         )
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
-        if positive and not float(v) > 0.0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
+        if positive and not (float(v) > 0.0 or (allow_zero and float(v) == 0.0)):
+            kind = "a number >= 0" if allow_zero else "a positive number"
+            raise ValueError(f"{name}: expected {kind}, got {v}")
         return torch.full((B,), float(v), dtype=dtype, device=x.device)
     raise TypeError(
         f"{name}: expected a Python float, a 0-d tensor or a (B,) tensor, got {type(v).__name__}"
