@@ -146,10 +146,46 @@ struct CpuLauncher {
   }
 };
 
-}  // namespace cpu
+// The exported C++ API (diffflow_ext/cpu.h).
+using CpuOps = Ops<CpuLauncher>;
 
-// Exported, so that C++ code (csrc/tests) can call the kernels without the Python schemas.
-template struct Ops<cpu::CpuLauncher>;
+Tensor em_step(const Tensor& x, const Tensor& drift, const Tensor& noise, const Tensor& dt, const Tensor& g) {
+  return CpuOps::em_step(x, drift, noise, dt, g);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor> em_step_backward(const Tensor& grad_out, const OptTensor& drift,
+                                                            const OptTensor& noise, const Tensor& dt, const Tensor& g,
+                                                            bool dt_g_grad) {
+  return CpuOps::em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad);
+}
+std::tuple<Tensor, Tensor> backward_noise(const Tensor& x_prev, const Tensor& x_next, const Tensor& drift_next,
+                                          const Tensor& score_next, const Tensor& dt, const Tensor& g) {
+  return CpuOps::backward_noise(x_prev, x_next, drift_next, score_next, dt, g);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_noise_backward(
+    const OptTensor& grad_delta, const OptTensor& grad_half_sqnorm, const Tensor& delta, const OptTensor& drift_next,
+    const OptTensor& score_next, const Tensor& dt, const Tensor& g, bool dt_g_grad) {
+  return CpuOps::backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g,
+                                         dt_g_grad);
+}
+std::tuple<Tensor, Tensor> flow_step(const Tensor& x_prev, const Tensor& x, const Tensor& drift, const Tensor& score,
+                                     const Tensor& noise, const Tensor& dt_prev, const Tensor& dt, const Tensor& g) {
+  return CpuOps::flow_step(x_prev, x, drift, score, noise, dt_prev, dt, g);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> flow_step_backward(
+    const OptTensor& grad_x_next, const OptTensor& grad_half_sqnorm, const Tensor& x_prev, const Tensor& x,
+    const Tensor& drift, const Tensor& score, const OptTensor& noise, const Tensor& dt_prev, const Tensor& dt,
+    const Tensor& g, bool dt_g_grad) {
+  return CpuOps::flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g,
+                                    dt_g_grad);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor> adjoint_step(const Tensor& x_prev, const Tensor& x, const Tensor& drift,
+                                                        const Tensor& score, const Tensor& weight,
+                                                        const Tensor& adj_next, const Tensor& adj_direct,
+                                                        const Tensor& dt_prev, const Tensor& dt, const Tensor& g) {
+  return CpuOps::adjoint_step(x_prev, x, drift, score, weight, adj_next, adj_direct, dt_prev, dt, g);
+}
+
+}  // namespace cpu
 
 }  // namespace diffflow_ext
 

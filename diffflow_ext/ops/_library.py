@@ -235,19 +235,29 @@ def has_kernel(namespace: str, dispatch_key: str, name: str = "em_step") -> bool
 
 
 _LOAD_ERRORS: dict[str, str] = {}
+_SOURCES: dict[str, str] = {}  # device type -> what registered its kernels
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _load_extensions() -> None:
-    for key, module in (("cpu", "diffflow_ext._C"), ("cuda", "diffflow_ext._C_cuda")):
+    for dev, module in (("cpu", "diffflow_ext._C"), ("cuda", "diffflow_ext._C_cuda")):
         try:
             importlib.import_module(module)
+            _SOURCES[dev] = module
         except ImportError as e:  # not built, or built against another torch / without CUDA runtime
-            _LOAD_ERRORS[key] = f"{module}: {e}"
+            _LOAD_ERRORS[dev] = f"{module}: {e}"
+    # Libraries built with CMake (CMakeLists.txt); meant for when the package's extensions are not built.
     for path in filter(None, os.environ.get(LIBRARY_ENV_VAR, "").split(os.pathsep)):
+        before = {dev: has_kernel(NAMESPACE, key) for dev, key in _KEYS.items()}
         try:
             torch.ops.load_library(path)
         except (OSError, RuntimeError) as e:
-            _LOAD_ERRORS.setdefault("cpu", f"{path}: {e}")
+            for dev in _KEYS:
+                _LOAD_ERRORS.setdefault(dev, f"{LIBRARY_ENV_VAR}={path}: {e}")
+            continue
+        for dev, key in _KEYS.items():
+            if not before[dev] and has_kernel(NAMESPACE, key):
+                _SOURCES[dev] = path
 
 
 _load_extensions()
@@ -255,9 +265,8 @@ _load_extensions()
 
 def compiled_status(device_type: str) -> tuple[bool, str]:
     """``(ok, reason)``: whether compiled kernels for ``device_type`` ("cpu" / "cuda") are registered."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    key = _KEYS[device_type]
     if all(has_kernel(NAMESPACE, key, name) for name in SCHEMAS):
-        module = "diffflow_ext._C" if device_type == "cpu" else "diffflow_ext._C_cuda"
-        return True, f"compiled {device_type.upper()} kernels ({module})"
+        return True, f"compiled {key} kernels ({_SOURCES.get(device_type, 'registered by another library')})"
     err = _LOAD_ERRORS.get(device_type, "the library loaded but registered no kernels for this device")
     return False, f"compiled extension not built: {err}"

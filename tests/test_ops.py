@@ -1,0 +1,374 @@
+"""Fused step kernels on CPU: every backend equals the reference ops (values and gradients), the
+torch.library registrations pass opcheck, and bad input fails with an error naming the argument.
+
+Backends tested here: "torch" (the reference itself, as a control) and "cpu" (the compiled C++
+kernels, skipped with the reason when the extension is not built). Triton: tests/test_triton.py;
+CUDA: tests/test_cuda.py. Tolerances (vs the reference, see conftest._STEP_TOL): float64 1e-10;
+float32 1e-5 elementwise, 1e-4 for per-sample sums (summation order differs); float16 rtol 2e-3 and
+bfloat16 rtol 1.6e-2 elementwise (both compute in float32 and round only the outputs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diffflow_ext
+from diffflow_ext import ops
+from diffflow_ext.ops import _library, backends
+
+CPU_OK, CPU_WHY = backends._status("cpu")
+needs_cpu_ext = pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {CPU_WHY}")
+CPU_BACKENDS = ["torch", pytest.param("cpu", marks=needs_cpu_ext)]
+
+OPS = ("em_step", "backward_noise", "flow_step", "adjoint_step")
+DIFF_OPS = ("em_step", "backward_noise", "flow_step")
+SUMS = {"em_step": (), "backward_noise": (1,), "flow_step": (1,), "adjoint_step": ()}
+SHAPES = [(1, 1), (1, 7), (3, 1), (3, 7), (5, 97), (2, 1031), (2, 70000), (4, 3, 5), (6,), (2, 0)]
+
+
+# ----------------------------------------------------------------------------------------------
+# values
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_values_match_reference(step_cases, op, shape, dtype, backend):
+    args = step_cases.make_args(op, shape, dtype)
+    step_cases.assert_matches(step_cases.call(op, args, backend), step_cases.reference(op, args), dtype,
+                              sums=SUMS[op], msg=f"{op}{shape}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded", "offset", "mixed"])
+@pytest.mark.parametrize("shape", [(3, 7), (4, 3, 5), (2, 9000)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_layouts(step_cases, op, shape, layout, backend):
+    """Non-contiguous, expanded and misaligned inputs give the reference's values."""
+    args = step_cases.make_args(op, shape, torch.float32, layout=layout, seed=1)
+    out = step_cases.call(op, args, backend)
+    step_cases.assert_matches(out, step_cases.reference(op, args), torch.float32, sums=SUMS[op], msg=layout)
+    if backend != "torch":  # the kernels' outputs are contiguous (the fake kernels say so too)
+        for o in step_cases.as_tuple(out):
+            assert o.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scalars", ["per_sample", "strided", "float", "0d", "1elem", "mixed"])
+@pytest.mark.parametrize("op", OPS)
+def test_scalar_forms(step_cases, op, scalars, backend):
+    """dt / g as (B,) tensors (contiguous or strided), Python floats, 0-d and 1-element tensors."""
+    args = step_cases.make_args(op, (4, 33), torch.float64, scalars=scalars, seed=2)
+    step_cases.assert_matches(step_cases.call(op, args, backend), step_cases.reference(op, args), torch.float64,
+                              sums=SUMS[op])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7), (2, 70000), (4, 3, 5)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_half_types(step_cases, op, shape, dtype, backend):
+    """float16 / bfloat16 states: computed in float32, outputs rounded, sums returned in float32."""
+    args = step_cases.make_args(op, shape, dtype, seed=3)
+    out = step_cases.call(op, args, backend)
+    step_cases.assert_matches(out, step_cases.reference(op, args), dtype, sums=SUMS[op])
+    for i in SUMS[op]:
+        assert out[i].dtype == torch.float32
+
+
+@needs_cpu_ext
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    op=st.sampled_from(OPS),
+    B=st.integers(1, 6),
+    rest=st.lists(st.integers(1, 40), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layout=st.sampled_from(["contiguous", "transposed", "sliced", "expanded", "offset", "mixed"]),
+    scalars=st.sampled_from(["per_sample", "float", "0d", "mixed"]),
+    seed=st.integers(0, 2**16),
+)
+def test_shape_sweep(step_cases, op, B, rest, dtype, layout, scalars, seed):
+    shape = (B, *rest)
+    args = step_cases.make_args(op, shape, dtype, layout=layout, scalars=scalars, seed=seed)
+    step_cases.assert_matches(step_cases.call(op, args, "cpu"), step_cases.reference(op, args), dtype,
+                              sums=SUMS[op], msg=f"{op}{shape} {layout} {scalars}")
+
+
+@needs_cpu_ext
+def test_auto_picks_compiled_cpu_kernels(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.resolve("auto", torch.device("cpu")).name == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.resolve("auto", torch.device("cpu")).name == "torch"
+    # an explicit backend beats the environment variable
+    assert backends.resolve("cpu", torch.device("cpu")).name == "cpu"
+
+
+def test_env_var_validated(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="DIFFFLOW_BACKEND"):
+        ops.em_step(x, x, x, 0.1, 1.0)
+
+
+def test_available_backends_reports_reasons():
+    info = diffflow_ext.available_backends()
+    assert set(info) == {"cuda", "triton", "cpu", "torch"}
+    for name, v in info.items():
+        assert isinstance(v["available"], bool) and isinstance(v["reason"], str) and v["reason"], name
+        assert v["devices"]
+    assert info["torch"]["available"]
+    if not torch.cuda.is_available():
+        assert not info["cuda"]["available"]
+        assert "CUDA" in info["cuda"]["reason"] or "compiled extension not built" in info["cuda"]["reason"]
+    if not info["cpu"]["available"]:
+        assert info["cpu"]["reason"].startswith("compiled extension not built")
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+
+
+def _gradcheck_args(step_cases, op, shape, scalars="per_sample", seed=4):
+    args = step_cases.make_args(op, shape, torch.float64, scalars=scalars, seed=seed, requires_grad=True)
+    return args
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("outputs", ["all", "first", "second"])
+@pytest.mark.parametrize("op", DIFF_OPS)
+def test_gradcheck(step_cases, op, outputs, backend):
+    """First derivatives in every tensor argument, incl. per-sample dt and g (float64 gradcheck)."""
+    if op == "em_step" and outputs != "all":
+        pytest.skip("em_step has one output")
+    args = _gradcheck_args(step_cases, op, (3, 4))
+
+    def f(*a):
+        out = step_cases.call(op, a, backend)
+        return out if outputs == "all" else out[0 if outputs == "first" else 1]
+
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", DIFF_OPS)
+def test_gradcheck_shared_scalars_and_layouts(step_cases, op, backend):
+    """0-d dt / g shared by all samples (their gradient is a sum over the batch), non-contiguous states."""
+    args = step_cases.make_args(op, (2, 3, 2), torch.float64, scalars="mixed", layout="mixed_dense", seed=5,
+                                requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: step_cases.call(op, a, backend), tuple(args), eps=1e-6, atol=1e-7)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("shape", [(3, 7), (2, 70000), (5, 2, 3)], ids=str)
+@pytest.mark.parametrize("op", DIFF_OPS)
+def test_grads_match_reference_float32(step_cases, op, shape):
+    """float32 gradients of the compiled kernels equal the reference's autograd (incl. the
+    column-chunked per-sample sums of long rows)."""
+    args = step_cases.make_args(op, shape, torch.float32, seed=6, requires_grad=True)
+    got = step_cases.grads(op, args, backend="cpu")
+    want = step_cases.grads(op, args, backend="torch")
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()), msg=f"grad {i}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("which", ["x_prev", "dt", "g", "none_of_dt_g"])
+def test_partial_requires_grad(step_cases, which):
+    """Only some inputs require grad (e.g. dt/g constants: their sums are skipped)."""
+    for op in DIFF_OPS:
+        names = [n for n, _ in step_cases.SPECS[op]]
+        args = step_cases.make_args(op, (3, 5), torch.float64, seed=7)
+        want = [i for i, n in enumerate(names) if n == which or (which == "none_of_dt_g" and n in ("x", "drift"))]
+        if not want:
+            want = [0]
+        for i in want:
+            args[i] = args[i].clone().requires_grad_(True)
+        got = step_cases.grads(op, args, backend="cpu")
+        ref = step_cases.grads(op, args, backend="torch")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_noise_half_sqnorm_only(step_cases, backend):
+    """A loss on half_sqnorm alone: grad_delta is None and G = w * delta."""
+    args = step_cases.make_args("backward_noise", (4, 6), torch.float64, seed=8, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64)
+    delta, hs = ops.backward_noise(*args, backend=backend)
+    gx_prev, gx_next, gdrift, gscore, gdt, gg = torch.autograd.grad((w * hs).sum(), args)
+    dt, g = args[4].detach()[:, None], args[5].detach()[:, None]
+    G = w[:, None] * delta.detach()
+    torch.testing.assert_close(gx_prev, G / (g * dt.sqrt()))
+    torch.testing.assert_close(gx_next, -G / (g * dt.sqrt()))
+    torch.testing.assert_close(gdrift, G * dt.sqrt() / g)
+    torch.testing.assert_close(gscore, -G * g * dt.sqrt())
+    d, s = args[2].detach(), args[3].detach()
+    torch.testing.assert_close(gdt, (G * (-delta.detach() / (2 * dt) + (d / g - g * s) / dt.sqrt())).sum(1))
+    torch.testing.assert_close(gg, (G * (-delta.detach() / g - 2 * s * dt.sqrt())).sum(1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_adjoint_step_is_not_differentiable(step_cases, backend):
+    args = step_cases.make_args("adjoint_step", (2, 3), torch.float64, requires_grad=True)
+    out = ops.adjoint_step(*args, backend=backend)
+    if backend == "torch":
+        return  # the reference is plain autograd-able PyTorch
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        out[1].sum().backward()
+
+
+@needs_cpu_ext
+def test_adjoint_step_is_vjp_of_flow_step(step_cases):
+    """adjoint_step == the VJP of (flow_step's half_sqnorm weighted by `weight`, x_next by adj_next)."""
+    xp, x, f, s, w, an, ad, dtp, dt, g = step_cases.make_args("adjoint_step", (3, 5), torch.float64, seed=9)
+    noise = torch.randn_like(x)
+    leaves = [t.clone().requires_grad_(True) for t in (xp, x, f, s)]
+    xn, hs = ops.flow_step(*leaves, noise, dtp, dt, g, backend="cpu")
+    gxp, gx, gf, gs = torch.autograd.grad((xn * an).sum() + (w * hs).sum(), leaves)
+    apd, cx, cf, cs = ops.adjoint_step(xp, x, f, s, w, an, ad, dtp, dt, g, backend="cpu")
+    torch.testing.assert_close(apd, gxp)
+    torch.testing.assert_close(cx, gx + ad)
+    torch.testing.assert_close(cf, gf)
+    torch.testing.assert_close(cs, gs)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registrations
+
+
+def _opcheck_cases(step_cases):
+    B, D = 3, 4
+    f64 = torch.float64
+    xs = [torch.randn(B, D, dtype=f64) for _ in range(6)]
+    dt, g, dtp, w = (torch.rand(B, dtype=f64) + 0.2 for _ in range(4))
+    dt_exp = torch.tensor(0.3, dtype=f64).expand(B)
+    return {
+        "em_step": [(*xs[:3], dt, g), (*xs[:3], dt_exp, g)],
+        "backward_noise": [(*xs[:4], dt, g)],
+        "flow_step": [(*xs[:5], dtp, dt, g), (*xs[:5], dt_exp, dt, dt_exp)],
+        "adjoint_step": [(*xs[:4], w, xs[4], xs[5], dtp, dt, g)],
+        "em_step_backward": [(xs[0], xs[1], xs[2], dt, g, True), (xs[0], None, None, dt, g, False)],
+        "backward_noise_backward": [
+            (xs[0], w, xs[1], xs[2], xs[3], dt, g, True),
+            (None, w, xs[1], None, None, dt, g, False),
+            (xs[0], None, xs[1], xs[2], xs[3], dt_exp, g, True),
+        ],
+        "flow_step_backward": [
+            (xs[0], w, *xs[1:5], xs[5], dtp, dt, g, True),
+            (None, w, *xs[1:5], None, dtp, dt, g, False),
+            (xs[0], None, *xs[1:5], xs[5], dtp, dt, g, True),
+            (xs[0], None, *xs[1:5], None, dtp, dt, g, False),
+        ],
+    }
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("name", list(_library.SCHEMAS))
+def test_opcheck(step_cases, name):
+    op = getattr(torch.ops.diffflow_ext, name)
+    for args in _opcheck_cases(step_cases)[name]:
+        torch.library.opcheck(op, args)
+        if name in DIFF_OPS:  # with autograd on
+            rg = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+            torch.library.opcheck(op, rg)
+
+
+def test_schemas_defined_without_extension():
+    """The schemas and fake kernels exist whatever was compiled (meta tensors run the fake kernels)."""
+    for ns in (_library.NAMESPACE, _library.TRITON_NAMESPACE):
+        for name in _library.SCHEMAS:
+            assert hasattr(getattr(torch.ops, ns), name)
+    x = torch.empty(3, 4, device="meta", dtype=torch.float16)
+    dt = torch.empty(3, device="meta")
+    xn, hs = torch.ops.diffflow_ext.flow_step(x, x, x, x, x, dt, dt, dt)
+    assert xn.shape == (3, 4) and xn.dtype == torch.float16 and hs.shape == (3,) and hs.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument, from every backend
+
+
+def _error_backends():
+    out = ["torch", pytest.param("cpu", marks=needs_cpu_ext)]
+    if backends._status("triton")[0] and "cpu" in backends.TRITON.devices:
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", _error_backends())
+@pytest.mark.parametrize("op", OPS)
+def test_bad_input_names_argument(step_cases, op, backend):
+    names = [n for n, _ in step_cases.SPECS[op]]
+    kinds = dict(step_cases.SPECS[op])
+    good = step_cases.make_args(op, (3, 4), torch.float32)
+    state_names = [n for n in names if kinds[n] == "s"]
+    scalar_names = [n for n in names if kinds[n] != "s"]
+    second = state_names[-1]  # not the state the others are checked against
+    i2 = names.index(second)
+
+    def run(i, v):
+        args = list(good)
+        args[i] = v
+        return getattr(ops, op)(*args, backend=backend)
+
+    with pytest.raises(ValueError, match=rf"^{second}: expected shape"):
+        run(i2, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=rf"^{second}: expected dtype"):
+        run(i2, torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"^{second}: expected device"):
+        run(i2, torch.zeros(3, 4, device="meta"))
+    with pytest.raises(TypeError, match=rf"^{second}: expected a torch.Tensor"):
+        run(i2, [[0.0] * 4] * 3)
+    with pytest.raises(ValueError, match=rf"^{names[0]}: expected|^x: expected"):
+        run(names.index("x") if "x" in names else 0, torch.zeros(0, 4))
+    for sname in scalar_names:
+        j = names.index(sname)
+        with pytest.raises(ValueError, match=rf"^{sname}: expected .*shape \(3,\)"):
+            run(j, torch.ones(4))
+        with pytest.raises(ValueError, match=rf"^{sname}: expected device"):
+            run(j, torch.ones(3, device="meta"))
+        with pytest.raises(ValueError, match=rf"^{sname}: expected a floating tensor"):
+            run(j, torch.ones(3, dtype=torch.int64))
+        if kinds[sname] == "p":
+            with pytest.raises(ValueError, match=rf"^{sname}: expected (a positive number|a number >= 0)"):
+                run(j, -0.1)
+    with pytest.raises(ValueError, match="^backend: expected one of"):
+        getattr(ops, op)(*good, backend="fastest")
+
+
+def test_unavailable_or_wrong_device_backend():
+    x = torch.zeros(2, 3)
+    if not backends._status("cuda")[0]:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            ops.em_step(x, x, x, 0.1, 1.0, backend="cuda")
+    if CPU_OK:
+        m = torch.zeros(2, 3, device="meta")
+        with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors"):
+            ops.em_step(m, m, m, 0.1, 1.0, backend="cpu")
+
+
+@needs_cpu_ext
+def test_direct_op_calls_check_arguments():
+    """The compiled ops check their own arguments too (they can be called without the wrappers)."""
+    O = torch.ops.diffflow_ext
+    x = torch.zeros(3, 4)
+    dt = torch.ones(3)
+    with pytest.raises(RuntimeError, match="noise: expected shape"):
+        O.em_step(x, x, torch.zeros(3, 5), dt, dt)
+    with pytest.raises(RuntimeError, match="dt: expected a per-sample tensor of shape \\(3,\\)"):
+        O.em_step(x, x, x, torch.ones(4), dt)
+    with pytest.raises(RuntimeError, match="g: expected dtype Float"):
+        O.em_step(x, x, x, dt, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="score_next: expected dtype"):
+        O.backward_noise(x, x, x, x.double(), dt, dt)
+    with pytest.raises(RuntimeError, match="x: expected a floating dtype"):
+        O.flow_step(x.int(), x.int(), x.int(), x.int(), x.int(), dt, dt, dt)
+    with pytest.raises(RuntimeError, match="weight: expected a per-sample tensor"):
+        O.adjoint_step(x, x, x, x, x, x, x, dt, dt, dt)
+    with pytest.raises(RuntimeError, match="noise is required when dt_g_grad"):
+        O.flow_step_backward(x, None, x, x, x, x, None, dt, dt, dt, True)
