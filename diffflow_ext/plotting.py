@@ -26,7 +26,7 @@ def _limits(*arrays: np.ndarray, q: float = 0.5) -> tuple[tuple[float, float], t
     return (lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1])
 
 
-def _draw(ax, pts: np.ndarray, lims, bins: int = 200) -> None:
+def _draw(ax, pts: np.ndarray, lims, bins: int = 120) -> None:
     pts = pts[np.isfinite(pts).all(1)]
     if pts.shape[1] == 1:
         ax.hist(pts[:, 0], bins=100, range=lims[0], density=True, color="C0")

@@ -14,7 +14,10 @@ import pytest
 
 from diffflow_ext.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+import diffflow_ext
+
+# where the imported package lives (source tree or site-packages), for subprocesses
+ROOT = Path(diffflow_ext.__file__).resolve().parents[1]
 TINY = ["--iters", "4", "--batch-size", "64", "--hidden", "8", "--depth", "1", "-N", "3", "--final-samples", "400",
         "--final-ode", "50", "--eval-every", "2", "--eval-samples", "200", "--no-progress"]
 
@@ -125,9 +128,15 @@ def test_resume_via_cli(tmp_path, capsys):
 
 def test_console_entry_point_help():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "diffflow_ext.cli", "train", "--help"], capture_output=True, text=True,
-                       env=env, timeout=120)
-    assert r.returncode == 0 and "--progressive" in r.stdout and "--resume" in r.stdout
     r = subprocess.run([sys.executable, "-m", "diffflow_ext.train", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
-    assert r.returncode == 0 and "--shards" in r.stdout
+    assert r.returncode == 0 and "--shards" in r.stdout and "--progressive" in r.stdout and "--resume" in r.stdout
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "sample" in out and "eval" in out
+    assert main([]) == 2
