@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Seconds per DiffFlow training iteration, peak memory against N, and sampling throughput.
+
+Settings (``--settings``):
+
+* ``2d``: the paper's 2-D setting -- time-conditioned MLPs 3x128 (``DiffFlow.mlp(2, 128, 3)``), N=30, B=5000;
+* ``image``: flattened MNIST-sized data, D=784, small time-conditioned MLPs 2x512, N=30, B=64.
+
+Training-iteration variants (one iteration = ``loss = model.loss(x0, gen); loss.backward()`` with the
+parameter grads cleared before; no optimizer step, it is the same for every variant):
+
+* ``adjoint+<auto>``: ``gradient="adjoint"``, ``backend="auto"`` (the fused backend of the device, when one is
+  available; the resolved backend name is in the label);
+* ``adjoint+torch``: ``gradient="adjoint"``, reference step ops;
+* ``autograd+torch``: ``gradient="autograd"`` (the walk unrolled with the graph kept), reference step ops;
+  plus ``autograd+<auto>`` when the auto backend is not ``torch``;
+* ``original``: the authors' design (:mod:`original_design`): unfused math, 3 network evaluations per step
+  forward and the same 3 recomputed with grad per step backward (the drift twice per state);
+* ``floor``: the network work alone, i.e. exactly the network calls of the adjoint and nothing else:
+  no-grad forwards of the drift at x_0..x_N (N+1) and of the score at x_1..x_N (N) -- the forward walk --,
+  then for each state i = N..0 the drift (and, for i > 0, the score) re-evaluated with grad and pulled back by
+  one ``autograd.grad`` onto (x_i, parameters) with fixed cotangents, parameter grads summed -- the backward
+  walk. States and cotangents are fixed tensors made once; no noise, no step math, no prior.
+
+Peak memory (``--mem-steps``, default 10 30 100) for ``adjoint``, ``autograd`` and ``original`` on each
+setting: peak bytes held during one iteration above what existed before it. CUDA: ``max_memory_allocated``.
+CPU: exact live-tensor accounting through a ``TorchDispatchMode`` (``_common.LiveTensorBytes``): every op
+output storage is counted from its creation until it is freed, independent of allocator caching. The stored
+states of the adjoint, ``(N+1) B D`` elements, are reported separately so that "apart from the stored states"
+can be read off.
+
+Sampling throughput: samples/s of ``model.sample(B)`` (Euler-Maruyama on the N-step grid, no grad) for the auto
+and the torch backend.
+
+Usage::
+
+    python benchmarks/train_step.py [--json FILE] [--device cpu|cuda] [--settings 2d image]
+        [--repeats 10] [--mem-steps 10 30 100] [--no-mem] [--no-sample] [--profile] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+import _common as C  # noqa: E402  (puts the checkout on sys.path)
+
+from diffflow_ext import DiffFlow  # noqa: E402
+from original_design import OriginalDesign  # noqa: E402
+
+SETTINGS = {
+    "2d": dict(dim=2, hidden=128, depth=3, batch=5000, num_steps=30),
+    "image": dict(dim=784, hidden=512, depth=2, batch=64, num_steps=30),
+}
+TARGET_SPEEDUP_VS_ORIGINAL = 1.4
+TARGET_VS_FLOOR = 1.2
+TARGET_MEM_GROWTH = 1.3
+TARGET_MEM_VS_AUTOGRAD = 0.2
+
+
+def build(setting: dict, device, num_steps=None, seed=0) -> DiffFlow:
+    torch.manual_seed(seed)
+    m = DiffFlow.mlp(setting["dim"], hidden=setting["hidden"], depth=setting["depth"],
+                     num_steps=num_steps or setting["num_steps"])
+    # The output layers start at zero (an untrained model is pure diffusion). Give them small weights so that
+    # every gradient path carries non-zero values, as in a model under training.
+    with torch.no_grad():
+        for net in (m.drift, m.score):
+            nn.init.normal_(net.out.weight, std=0.05)
+            nn.init.normal_(net.out.bias, std=0.05)
+    return m.to(device)
+
+
+def data(setting: dict, device, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    B, D = setting["batch"], setting["dim"]
+    if D == 2:  # a ring of 8 Gaussians, the usual 2-D toy
+        k = torch.randint(0, 8, (B,), generator=g).double() * (2 * torch.pi / 8)
+        x = torch.stack([torch.cos(k), torch.sin(k)], 1) * 2 + 0.1 * torch.randn(B, 2, generator=g, dtype=torch.double)
+        return x.float().to(device)
+    return torch.rand(B, D, generator=g).to(device) * 2 - 1  # image-like values in [-1, 1]
+
+
+def params_of(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- iteration callables
+def model_iteration(model: DiffFlow, x0, device, gradient: str, backend: str):
+    gen = torch.Generator(device=device).manual_seed(2)
+
+    def it():
+        model.gradient, model.backend = gradient, backend
+        for p in model.parameters():
+            p.grad = None
+        loss = model.loss(x0, gen)
+        loss.backward()
+        return loss
+    return it
+
+
+def original_iteration(model: DiffFlow, x0, device):
+    runner = OriginalDesign(model)
+    gen = torch.Generator(device=device).manual_seed(2)
+
+    def it():
+        for p in model.parameters():
+            p.grad = None
+        loss = runner.loss(x0, gen)
+        loss.backward()
+        return loss
+    return it
+
+
+def floor_iteration(model: DiffFlow, x0, device):
+    """The network work of one adjoint iteration alone (see the module docstring)."""
+    N, B = model.num_steps, x0.shape[0]
+    gen = torch.Generator(device=device).manual_seed(3)
+    xs = [x0] + [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N)]
+    cf = [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N + 1)]
+    cs = [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N + 1)]
+    t = model.time_grid(B, device=device).to(x0.dtype)
+    params = params_of(model)
+
+    def it():
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():  # the forward walk's evaluations
+            for i in range(N + 1):
+                model.drift(xs[i], t[:, i])
+                if i > 0:
+                    model.score(xs[i], t[:, i])
+        grads = [None] * len(params)
+        for i in range(N, -1, -1):  # the backward walk's re-evaluations with grad + one VJP each
+            x = xs[i].detach().requires_grad_(True)
+            outs = [model.drift(x, t[:, i])] + ([model.score(x, t[:, i])] if i > 0 else [])
+            cots = [cf[i]] + ([cs[i]] if i > 0 else [])
+            got = torch.autograd.grad(outs, (x, *params), cots, allow_unused=True)
+            for k, gk in enumerate(got[1:]):
+                if gk is not None:
+                    grads[k] = gk if grads[k] is None else grads[k] + gk
+        return grads
+    return it
+
+
+def check_original_matches(setting_name: str, device) -> dict:
+    """Same seed, same noise: the original design must give the adjoint's gradients (a sanity check)."""
+    s = dict(SETTINGS[setting_name], batch=min(SETTINGS[setting_name]["batch"], 256), num_steps=8)
+    model = build(s, device).double()
+    x0 = data(s, device).double()
+    out = {}
+    for name, it in (("adjoint", model_iteration(model, x0, device, "adjoint", "torch")),
+                     ("original", original_iteration(model, x0, device))):
+        loss = it()
+        out[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    num = max(float((a - b).abs().max()) for a, b in zip(out["adjoint"][1], out["original"][1]))
+    den = max(float(a.abs().max()) for a in out["adjoint"][1])
+    return {"setting": setting_name, "float64": True, "batch": s["batch"], "num_steps": s["num_steps"],
+            "max_abs_grad_diff": num, "max_abs_grad": den, "rel": num / den,
+            "loss_adjoint": out["adjoint"][0], "loss_original": out["original"][0]}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the records to this file")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--repeats", type=int, default=10, help="timed iterations per variant (upper bound)")
+    ap.add_argument("--max-time", type=float, default=None, help="seconds of timed iterations per variant")
+    ap.add_argument("--mem-steps", nargs="+", type=int, default=[10, 30, 100])
+    ap.add_argument("--no-mem", action="store_true")
+    ap.add_argument("--no-sample", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the original-vs-adjoint gradient check")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adjoint iteration")
+    ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--clock", default="wall", choices=list(C.CLOCKS),
+                    help="wall (default) or cpu = process CPU time, for shared machines with --threads 1")
+    args = ap.parse_args(argv)
+
+    device = C.pick_device(args.device)
+    clock = C.setup_cpu(args.threads, args.clock, device)
+    repeats = 3 if args.quick else args.repeats
+    max_time = args.max_time if args.max_time is not None else (
+        2.0 if args.quick else (10.0 if device.type == "cpu" else 3.0))
+    auto = C.resolved_auto(device)
+    meta = C.machine_info(device)
+    meta.update(clock=clock, auto_backend=auto, settings={k: SETTINGS[k] for k in args.settings}, repeats=repeats,
+                max_time_s=max_time,
+                targets={"adjoint_fused_speedup_vs_original": TARGET_SPEEDUP_VS_ORIGINAL,
+                         "adjoint_fused_over_floor_max": TARGET_VS_FLOOR,
+                         "adjoint_peak_ex_states_N100_over_N10_max": TARGET_MEM_GROWTH,
+                         "adjoint_over_autograd_peak_N100_max": TARGET_MEM_VS_AUTOGRAD})
+    print(f"# train_step  device={device}  torch={torch.__version__}  threads={torch.get_num_threads()}  "
+          f"clock={clock}  cpu={meta['cpu_model']}  auto backend -> {auto}  load={meta['loadavg_at_start']}")
+    records: list[dict] = []
+    t_start = time.perf_counter()
+
+    if not args.no_check:
+        chk = check_original_matches(args.settings[0], device)
+        meta["original_vs_adjoint_check"] = chk
+        print(f"# check: original design vs adjoint gradients (float64, B={chk['batch']}, N={chk['num_steps']}): "
+              f"max rel diff {chk['rel']:.1e}")
+
+    for sname in args.settings:
+        s = SETTINGS[sname]
+        model = build(s, device)
+        x0 = data(s, device)
+        variants = [(f"adjoint+{auto}", model_iteration(model, x0, device, "adjoint", "auto"))]
+        if auto != "torch":
+            variants.append(("adjoint+torch", model_iteration(model, x0, device, "adjoint", "torch")))
+        variants.append(("autograd+torch", model_iteration(model, x0, device, "autograd", "torch")))
+        if auto != "torch":
+            variants.append((f"autograd+{auto}", model_iteration(model, x0, device, "autograd", "auto")))
+        variants += [("original", original_iteration(model, x0, device)), ("floor", floor_iteration(model, x0, device))]
+        times = {}
+        for name, it in variants:
+            st = C.time_fn(it, device, repeats=repeats, warmup=2, min_block_s=0.0, max_total_s=max_time)
+            times[name] = st
+            records.append(dict(kind="train_iter", setting=sname, variant=name, device=str(device),
+                                num_steps=s["num_steps"], batch=s["batch"], dim=s["dim"], **st))
+        fused = times[f"adjoint+{auto}"]["median_s"]
+        rows = [[name, f"{st['median_s'] * 1e3:.1f}", f"{st['min_s'] * 1e3:.1f}", st["repeats"],
+                 f"{st['median_s'] / fused:.2f}", f"{st['median_s'] / times['floor']['median_s']:.2f}"]
+                for name, st in times.items()]
+        print(f"\n## training iteration, {sname}: D={s['dim']} MLP {s['depth']}x{s['hidden']} "
+              f"N={s['num_steps']} B={s['batch']}")
+        print(C.fmt_table(["variant", "median_ms", "min_ms", "n", "x_adjoint_fused", "x_floor"], rows))
+        sp = times["original"]["median_s"] / fused
+        fl = fused / times["floor"]["median_s"]
+        summary = dict(kind="train_summary", setting=sname, device=str(device),
+                       speedup_vs_original=sp, fused_over_floor=fl,
+                       speedup_vs_original_met=sp >= TARGET_SPEEDUP_VS_ORIGINAL, within_floor_met=fl <= TARGET_VS_FLOOR)
+        records.append(summary)
+        print(f"adjoint+{auto} vs original: {sp:.2f}x faster (target >= {TARGET_SPEEDUP_VS_ORIGINAL}: "
+              f"{'met' if summary['speedup_vs_original_met'] else 'MISSED'}); vs floor: {fl:.2f}x "
+              f"(target <= {TARGET_VS_FLOOR}: {'met' if summary['within_floor_met'] else 'MISSED'})")
+
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            it = variants[0][1]
+            it()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                it()
+                C.sync(device)
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+        if not args.no_sample:
+            rows = []
+            for backend in dict.fromkeys(["auto", "torch"]):
+                model.backend = backend
+                gen = torch.Generator(device=device).manual_seed(4)
+                st = C.time_fn(lambda: model.sample(s["batch"], generator=gen), device, repeats=repeats, warmup=2,
+                               min_block_s=0.0, max_total_s=max_time / 2)
+                label = f"{backend}->{C.resolved_auto(device)}" if backend == "auto" else backend
+                sps = s["batch"] / st["median_s"]
+                records.append(dict(kind="sample", setting=sname, backend=label, device=str(device), n=s["batch"],
+                                    num_steps=s["num_steps"], samples_per_s=sps, **st))
+                rows.append([label, f"{st['median_s'] * 1e3:.1f}", f"{sps:,.0f}"])
+            model.backend = "auto"
+            print(f"\n## sampling, {sname}: model.sample({s['batch']}) Euler-Maruyama, N={s['num_steps']}")
+            print(C.fmt_table(["backend", "median_ms", "samples/s"], rows))
+
+        if not args.no_mem:
+            rows, peaks = [], {}
+            E = x0.element_size()
+            for N in args.mem_steps:
+                mN = build(s, device, num_steps=N)
+                states = (N + 1) * x0.numel() * E
+                for grad in ("adjoint", "autograd", "original"):
+                    it = (original_iteration(mN, x0, device) if grad == "original"
+                          else model_iteration(mN, x0, device, grad, "auto"))
+                    it()  # warm
+                    for p in mN.parameters():  # the grads made by the measured iteration count, on both devices
+                        p.grad = None
+                    peak = C.measure_peak_bytes(it, device)
+                    peaks[(grad, N)] = (peak, states)
+                    ex = peak - states if grad != "autograd" else peak
+                    records.append(dict(kind="peak_memory", setting=sname, gradient=grad, num_steps=N,
+                                        device=str(device), peak_bytes=peak, states_bytes=states,
+                                        peak_minus_states_bytes=peak - states,
+                                        method="cuda.max_memory_allocated" if device.type == "cuda"
+                                        else "LiveTensorBytes dispatch mode"))
+                    rows.append([grad, N, f"{peak / 2**20:.2f}", f"{states / 2**20:.2f}", f"{ex / 2**20:.2f}"])
+                del mN
+            print(f"\n## peak memory of one training iteration, {sname} (MiB above the pre-iteration baseline)")
+            print(C.fmt_table(["gradient", "N", "peak", "states", "peak-states"], rows))
+            lo, hi = min(args.mem_steps), max(args.mem_steps)
+            if ("adjoint", lo) in peaks and ("adjoint", hi) in peaks:
+                (p_lo, s_lo), (p_hi, s_hi) = peaks[("adjoint", lo)], peaks[("adjoint", hi)]
+                growth = (p_hi - s_hi) / max(1, p_lo - s_lo)
+                vs_ag = p_hi / peaks[("autograd", hi)][0]
+                summ = dict(kind="memory_summary", setting=sname, device=str(device), n_lo=lo, n_hi=hi,
+                            adjoint_growth_ex_states=growth, adjoint_over_autograd=vs_ag,
+                            growth_met=growth <= TARGET_MEM_GROWTH, vs_autograd_met=vs_ag <= TARGET_MEM_VS_AUTOGRAD)
+                records.append(summ)
+                print(f"adjoint peak-minus-states N={hi} / N={lo}: {growth:.2f}x (target <= {TARGET_MEM_GROWTH}: "
+                      f"{'met' if summ['growth_met'] else 'MISSED'}); adjoint / autograd peak at N={hi}: "
+                      f"{vs_ag:.3f} (target <= {TARGET_MEM_VS_AUTOGRAD}: {'met' if summ['vs_autograd_met'] else 'MISSED'})")
+
+    meta["wall_s"] = time.perf_counter() - t_start
+    print(f"\n# total wall time {meta['wall_s']:.0f} s")
+    C.write_json(args.json, meta, records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
