@@ -252,17 +252,20 @@ def _opcheck_cases(step_cases):
         "backward_noise": [(*xs[:4], dt, g)],
         "flow_step": [(*xs[:5], dtp, dt, g), (*xs[:5], dt_exp, dt, dt_exp)],
         "adjoint_step": [(*xs[:4], w, xs[4], xs[5], dtp, dt, g)],
-        "em_step_backward": [(xs[0], xs[1], xs[2], dt, g, True), (xs[0], None, None, dt, g, False)],
+        "em_step_backward": [
+            (xs[0], xs[1], xs[2], dt, g, True, [True, True]),
+            (xs[0], None, None, dt, g, False, [True, False]),
+        ],
         "backward_noise_backward": [
-            (xs[0], w, xs[1], xs[2], xs[3], dt, g, True),
-            (None, w, xs[1], None, None, dt, g, False),
-            (xs[0], None, xs[1], xs[2], xs[3], dt_exp, g, True),
+            (xs[0], w, xs[1], xs[2], xs[3], dt, g, True, [True] * 4),
+            (None, w, xs[1], None, None, dt, g, False, [True, False, True, False]),
+            (xs[0], None, xs[1], xs[2], xs[3], dt_exp, g, True, [False] * 4),
         ],
         "flow_step_backward": [
-            (xs[0], w, *xs[1:5], xs[5], dtp, dt, g, True),
-            (None, w, *xs[1:5], None, dtp, dt, g, False),
-            (xs[0], None, *xs[1:5], xs[5], dtp, dt, g, True),
-            (xs[0], None, *xs[1:5], None, dtp, dt, g, False),
+            (xs[0], w, *xs[1:5], xs[5], dtp, dt, g, True, [True] * 5),
+            (None, w, *xs[1:5], None, dtp, dt, g, False, [True, True, True, True, False]),
+            (xs[0], None, *xs[1:5], xs[5], dtp, dt, g, True, [False, True, False, True, True]),
+            (xs[0], None, *xs[1:5], None, dtp, dt, g, False, [True] * 5),
         ],
     }
 
@@ -371,4 +374,20 @@ def test_direct_op_calls_check_arguments():
     with pytest.raises(RuntimeError, match="weight: expected a per-sample tensor"):
         O.adjoint_step(x, x, x, x, x, x, x, dt, dt, dt)
     with pytest.raises(RuntimeError, match="noise is required when dt_g_grad"):
-        O.flow_step_backward(x, None, x, x, x, x, None, dt, dt, dt, True)
+        O.flow_step_backward(x, None, x, x, x, x, None, dt, dt, dt, True, [True] * 5)
+
+
+@needs_cpu_ext
+def test_backward_output_mask():
+    """Masked-out elementwise gradients are returned empty and the others are unchanged."""
+    O = torch.ops.diffflow_ext
+    xs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(6)]
+    dt, g, w = (torch.rand(3, dtype=torch.float64) + 0.2 for _ in range(3))
+    full = O.flow_step_backward(xs[0], w, *xs[1:5], xs[5], dt, dt, g, True, [True] * 5)
+    mask = [True, False, True, False, False]
+    part = O.flow_step_backward(xs[0], w, *xs[1:5], xs[5], dt, dt, g, True, mask)
+    for m, a, b in zip(mask + [True] * 3, full, part):
+        if m:
+            torch.testing.assert_close(a, b)
+        else:
+            assert b.shape == (0,)

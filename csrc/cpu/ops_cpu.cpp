@@ -14,7 +14,7 @@
 
 #include "diffflow_ext/cpu.h"
 #include "diffflow_ext/host.h"
-#include "diffflow_ext/pymodule.h"
+#include "diffflow_ext/register.h"
 
 namespace diffflow_ext {
 namespace cpu {
@@ -102,7 +102,9 @@ struct CpuLauncher {
           Vec vin[Op::NIN], vout[Op::NOUT], vred[NR];
           for (int i = 0; i < Op::NIN; ++i) vin[i] = in[i] ? vload<scalar_t>(in[i] + off + j, VS) : Vec(A(0));
           op.elem(r, vin, vout, vred);
-          for (int o = 0; o < Op::NOUT; ++o) vstore<scalar_t>(out[o] + off + j, vout[o], VS);
+          for (int o = 0; o < Op::NOUT; ++o) {
+            if (out[o]) vstore<scalar_t>(out[o] + off + j, vout[o], VS);
+          }
           if (any_red) {
             for (int k = 0; k < Op::NRED; ++k) acc[k] = acc[k] + vred[k];
           }
@@ -113,7 +115,9 @@ struct CpuLauncher {
           A sin[Op::NIN], sout[Op::NOUT], sred[NR];
           for (int i = 0; i < Op::NIN; ++i) sin[i] = in[i] ? static_cast<A>(in[i][off + j]) : A(0);
           op.elem(r, sin, sout, sred);
-          for (int o = 0; o < Op::NOUT; ++o) out[o][off + j] = static_cast<scalar_t>(sout[o]);
+          for (int o = 0; o < Op::NOUT; ++o) {
+            if (out[o]) out[o][off + j] = static_cast<scalar_t>(sout[o]);
+          }
           for (int k = 0; k < Op::NRED; ++k) tail[k] += sred[k];
         }
         if (any_red) {
@@ -154,8 +158,8 @@ Tensor em_step(const Tensor& x, const Tensor& drift, const Tensor& noise, const 
 }
 std::tuple<Tensor, Tensor, Tensor, Tensor> em_step_backward(const Tensor& grad_out, const OptTensor& drift,
                                                             const OptTensor& noise, const Tensor& dt, const Tensor& g,
-                                                            bool dt_g_grad) {
-  return CpuOps::em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad);
+                                                            bool dt_g_grad, std::array<bool, 2> output_mask) {
+  return CpuOps::em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad, output_mask);
 }
 std::tuple<Tensor, Tensor> backward_noise(const Tensor& x_prev, const Tensor& x_next, const Tensor& drift_next,
                                           const Tensor& score_next, const Tensor& dt, const Tensor& g) {
@@ -163,9 +167,10 @@ std::tuple<Tensor, Tensor> backward_noise(const Tensor& x_prev, const Tensor& x_
 }
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_noise_backward(
     const OptTensor& grad_delta, const OptTensor& grad_half_sqnorm, const Tensor& delta, const OptTensor& drift_next,
-    const OptTensor& score_next, const Tensor& dt, const Tensor& g, bool dt_g_grad) {
+    const OptTensor& score_next, const Tensor& dt, const Tensor& g, bool dt_g_grad,
+    std::array<bool, 4> output_mask) {
   return CpuOps::backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g,
-                                         dt_g_grad);
+                                         dt_g_grad, output_mask);
 }
 std::tuple<Tensor, Tensor> flow_step(const Tensor& x_prev, const Tensor& x, const Tensor& drift, const Tensor& score,
                                      const Tensor& noise, const Tensor& dt_prev, const Tensor& dt, const Tensor& g) {
@@ -174,9 +179,9 @@ std::tuple<Tensor, Tensor> flow_step(const Tensor& x_prev, const Tensor& x, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> flow_step_backward(
     const OptTensor& grad_x_next, const OptTensor& grad_half_sqnorm, const Tensor& x_prev, const Tensor& x,
     const Tensor& drift, const Tensor& score, const OptTensor& noise, const Tensor& dt_prev, const Tensor& dt,
-    const Tensor& g, bool dt_g_grad) {
+    const Tensor& g, bool dt_g_grad, std::array<bool, 5> output_mask) {
   return CpuOps::flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g,
-                                    dt_g_grad);
+                                    dt_g_grad, output_mask);
 }
 std::tuple<Tensor, Tensor, Tensor, Tensor> adjoint_step(const Tensor& x_prev, const Tensor& x, const Tensor& drift,
                                                         const Tensor& score, const Tensor& weight,
@@ -189,4 +194,4 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> adjoint_step(const Tensor& x_prev, co
 
 }  // namespace diffflow_ext
 
-TORCH_LIBRARY_IMPL(diffflow_ext, CPU, m) { diffflow_ext::register_impls<diffflow_ext::cpu::CpuLauncher>(m); }
+DIFFFLOW_REGISTER(diffflow_ext::cpu::CpuLauncher, c10::DispatchKey::CPU)

@@ -24,7 +24,7 @@
 #include <cuda_runtime.h>
 
 #include "diffflow_ext/host.h"
-#include "diffflow_ext/pymodule.h"
+#include "diffflow_ext/register.h"
 
 namespace diffflow_ext {
 namespace cuda {
@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int q = 0; q < NOUT; ++q) {
+          if (out.p[q] == nullptr) continue;  // gradient not requested
           if constexpr (VEC > 1) {
             *reinterpret_cast<V*>(out.p[q] + off + j) = y[q];
           } else {
@@ -233,4 +234,4 @@ struct CudaLauncher {
 }  // namespace cuda
 }  // namespace diffflow_ext
 
-TORCH_LIBRARY_IMPL(diffflow_ext, CUDA, m) { diffflow_ext::register_impls<diffflow_ext::cuda::CudaLauncher>(m); }
+DIFFFLOW_REGISTER(diffflow_ext::cuda::CudaLauncher, c10::DispatchKey::CUDA)

@@ -64,10 +64,14 @@ static void check(at::IntArrayRef shape, at::ScalarType dtype) {
   expect_close(a2, an * dt_b + gd * dtp_b.sqrt() / g_b, "adjoint_step cot_drift " + tag, tol);
   expect_close(a3, -gd * g_b * dtp_b.sqrt(), "adjoint_step cot_score " + tag, tol);
   // backward_noise_backward with grad_half_sqnorm only: G = w * delta
-  auto bwd = CpuOps::backward_noise_backward(std::nullopt, w, delta, f, s, dt, g, true);
+  auto bwd = CpuOps::backward_noise_backward(std::nullopt, w, delta, f, s, dt, g, true, {true, true, false, false});
   Tensor G = w_b * delta;
   expect_close(std::get<0>(bwd), G / (g_b * dt_b.sqrt()), "backward_noise_backward x_prev " + tag, tol);
   expect_close(std::get<1>(bwd), -G / (g_b * dt_b.sqrt()), "backward_noise_backward x_next " + tag, tol);
+  if (std::get<2>(bwd).numel() != 0 || std::get<3>(bwd).numel() != 0) {
+    ++failures;
+    std::printf("FAIL backward_noise_backward wrote masked-out gradients\n");
+  }
   expect_close(std::get<4>(bwd),
                (G * (-delta / (2 * dt_b) + (f / g_b - g_b * s) / dt_b.sqrt())).reshape({B, -1}).sum(1),
                "backward_noise_backward dt " + tag, tol * 10);

@@ -9,7 +9,8 @@ The schemas are declared here, once, for two namespaces:
 
 so ``import diffflow_ext`` works whether or not anything was compiled. Each forward op has a
 ``*_backward`` op (one fused elementwise pass that also yields the per-sample ``dt``/``g``
-gradient sums when ``dt_g_grad`` is true), a fake (meta) kernel for ``torch.compile`` /
+gradient sums when ``dt_g_grad`` is true; ``output_mask`` says which elementwise gradients to
+write, from ``ctx.needs_input_grad``), a fake (meta) kernel for ``torch.compile`` /
 ``torch.export``, and an autograd formula (first order). ``adjoint_step`` is itself a backward
 pass and is not differentiable (backpropagating through it raises).
 
@@ -17,8 +18,9 @@ Argument conventions (the public wrappers in :mod:`diffflow_ext.ops` guarantee t
 tensor has the shape, dtype and device of ``x``; ``dt``, ``g``, ``dt_prev``, ``weight`` and
 ``grad_half_sqnorm`` are ``(B,)`` tensors (any stride, e.g. an expanded scalar) in the
 accumulation dtype (float64 for float64 states, float32 otherwise). Outputs are contiguous;
-per-sample sums are in the accumulation dtype. Gradients of ``dt``/``g`` that were not asked for
-are returned as empty ``(0,)`` tensors by the ``*_backward`` ops.
+per-sample sums are in the accumulation dtype. Gradients that were not asked for (``dt``/``g``
+without ``dt_g_grad``, elementwise ones masked out by ``output_mask``) are returned as empty
+``(0,)`` tensors by the ``*_backward`` ops, and never written.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ LIBRARY_ENV_VAR = "DIFFFLOW_EXT_LIBRARY"  # extra shared libraries to load (e.g.
 SCHEMAS: dict[str, str] = {
     "em_step": "(Tensor x, Tensor drift, Tensor noise, Tensor dt, Tensor g) -> Tensor",
     "em_step_backward": (
-        "(Tensor grad_out, Tensor? drift, Tensor? noise, Tensor dt, Tensor g, bool dt_g_grad)"
+        "(Tensor grad_out, Tensor? drift, Tensor? noise, Tensor dt, Tensor g, bool dt_g_grad, bool[2] output_mask)"
         " -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "backward_noise": (
@@ -47,7 +49,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "backward_noise_backward": (
         "(Tensor? grad_delta, Tensor? grad_half_sqnorm, Tensor delta, Tensor? drift_next, Tensor? score_next,"
-        " Tensor dt, Tensor g, bool dt_g_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        " Tensor dt, Tensor g, bool dt_g_grad, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "flow_step": (
         "(Tensor x_prev, Tensor x, Tensor drift, Tensor score, Tensor noise, Tensor dt_prev, Tensor dt, Tensor g)"
@@ -55,7 +57,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "flow_step_backward": (
         "(Tensor? grad_x_next, Tensor? grad_half_sqnorm, Tensor x_prev, Tensor x, Tensor drift, Tensor score,"
-        " Tensor? noise, Tensor dt_prev, Tensor dt, Tensor g, bool dt_g_grad)"
+        " Tensor? noise, Tensor dt_prev, Tensor dt, Tensor g, bool dt_g_grad, bool[5] output_mask)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "adjoint_step": (
@@ -94,24 +96,30 @@ def _fake_em_step(x, drift, noise, dt, g):
     return _like(x)
 
 
-def _fake_em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad):
-    return _like(grad_out), _like(grad_out), _rows(grad_out, dt_g_grad), _rows(grad_out, dt_g_grad)
+def _masked(t: Tensor, wanted: bool) -> Tensor:
+    return t.new_empty(t.shape if wanted else (0,))
+
+
+def _fake_em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad, output_mask):
+    return (*(_masked(grad_out, m) for m in output_mask), _rows(grad_out, dt_g_grad), _rows(grad_out, dt_g_grad))
 
 
 def _fake_backward_noise(x_prev, x_next, drift_next, score_next, dt, g):
     return _like(x_prev), _rows(x_prev)
 
 
-def _fake_backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g, dt_g_grad):
-    return (_like(delta), _like(delta), _like(delta), _like(delta), _rows(delta, dt_g_grad), _rows(delta, dt_g_grad))
+def _fake_backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g, dt_g_grad,
+                                  output_mask):
+    return (*(_masked(delta, m) for m in output_mask), _rows(delta, dt_g_grad), _rows(delta, dt_g_grad))
 
 
 def _fake_flow_step(x_prev, x, drift, score, noise, dt_prev, dt, g):
     return _like(x), _rows(x)
 
 
-def _fake_flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g, dt_g_grad):
-    return tuple(_like(x) for _ in range(5)) + tuple(_rows(x, dt_g_grad) for _ in range(3))
+def _fake_flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g, dt_g_grad,
+                             output_mask):
+    return (*(_masked(x, m) for m in output_mask), *(_rows(x, dt_g_grad) for _ in range(3)))
 
 
 def _fake_adjoint_step(x_prev, x, drift, score, weight, adj_next, adj_direct, dt_prev, dt, g):
@@ -157,7 +165,9 @@ def _make_autograd(namespace: str) -> dict:
             return None, None, None, None, None
         drift, noise, dt, g = ctx.saved_tensors
         n = ctx.needs_input_grad
-        g_drift, g_noise, g_dt, g_g = bwd_op("em_step_backward")(grad_out, drift, noise, dt, g, ctx.dt_g_grad)
+        g_drift, g_noise, g_dt, g_g = bwd_op("em_step_backward")(
+            grad_out, drift, noise, dt, g, ctx.dt_g_grad, [n[1], n[2]]
+        )
         return _g(n[0], grad_out), _g(n[1], g_drift), _g(n[2], g_noise), _g(n[3], g_dt), _g(n[4], g_g)
 
     # backward_noise(x_prev, x_next, drift_next, score_next, dt, g) -> (delta, half_sqnorm)
@@ -173,7 +183,9 @@ def _make_autograd(namespace: str) -> dict:
             return (None,) * 6
         delta, drift, score, dt, g = ctx.saved_tensors
         n = ctx.needs_input_grad
-        outs = bwd_op("backward_noise_backward")(grad_delta, grad_hs, delta, drift, score, dt, g, ctx.dt_g_grad)
+        outs = bwd_op("backward_noise_backward")(
+            grad_delta, grad_hs, delta, drift, score, dt, g, ctx.dt_g_grad, list(n[:4])
+        )
         return tuple(_g(n[i], outs[i]) for i in range(6))
 
     # flow_step(x_prev, x, drift, score, noise, dt_prev, dt, g) -> (x_next, half_sqnorm_prev)
@@ -189,7 +201,7 @@ def _make_autograd(namespace: str) -> dict:
         x_prev, x, drift, score, noise, dt_prev, dt, g = ctx.saved_tensors
         n = ctx.needs_input_grad
         outs = bwd_op("flow_step_backward")(
-            grad_x_next, grad_hs, x_prev, x, drift, score, noise, dt_prev, dt, g, ctx.dt_g_grad
+            grad_x_next, grad_hs, x_prev, x, drift, score, noise, dt_prev, dt, g, ctx.dt_g_grad, list(n[:5])
         )
         return tuple(_g(n[i], outs[i]) for i in range(8))
 

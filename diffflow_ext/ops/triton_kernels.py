@@ -100,7 +100,7 @@ if triton is not None:
 
     @triton.jit
     def _em_step_bwd(go_ptr, f_ptr, n_ptr, gf_ptr, gn_ptr, pdt_ptr, pg_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
-                     DTG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     DTG: tl.constexpr, OUT_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows, rmask = _rows(B, BLOCK_R)
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
@@ -112,8 +112,10 @@ if triton is not None:
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
             go = _ld(go_ptr, offs, m, ACC)
-            _st(gf_ptr, offs, m, go * dt)
-            _st(gn_ptr, offs, m, go * c)
+            if OUT_MASK & 1:
+                _st(gf_ptr, offs, m, go * dt)
+            if OUT_MASK & 2:
+                _st(gn_ptr, offs, m, go * c)
             if DTG:
                 f = _ld(f_ptr, offs, m, ACC)
                 n = _ld(n_ptr, offs, m, ACC)
@@ -146,7 +148,8 @@ if triton is not None:
     @triton.jit
     def _backward_noise_bwd(gd_ptr, gh_ptr, gh_s, delta_ptr, f_ptr, s_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, pdt_ptr,
                             pg_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK, HAS_GD: tl.constexpr,
-                            HAS_GH: tl.constexpr, DTG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                            HAS_GH: tl.constexpr, DTG: tl.constexpr, OUT_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
         rows, rmask = _rows(B, BLOCK_R)
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
@@ -165,10 +168,14 @@ if triton is not None:
             G = gh * delta
             if HAS_GD:
                 G += _ld(gd_ptr, offs, m, ACC)
-            _st(o0_ptr, offs, m, G * inv)
-            _st(o1_ptr, offs, m, G * (-inv))
-            _st(o2_ptr, offs, m, G * (sdt / g))
-            _st(o3_ptr, offs, m, G * (-g * sdt))
+            if OUT_MASK & 1:
+                _st(o0_ptr, offs, m, G * inv)
+            if OUT_MASK & 2:
+                _st(o1_ptr, offs, m, G * (-inv))
+            if OUT_MASK & 4:
+                _st(o2_ptr, offs, m, G * (sdt / g))
+            if OUT_MASK & 8:
+                _st(o3_ptr, offs, m, G * (-g * sdt))
             if DTG:
                 f = _ld(f_ptr, offs, m, ACC)
                 s = _ld(s_ptr, offs, m, ACC)
@@ -204,8 +211,8 @@ if triton is not None:
     @triton.jit
     def _flow_step_bwd(go_ptr, gh_ptr, gh_s, xp_ptr, x_ptr, f_ptr, s_ptr, n_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr,
                        o4_ptr, pdtp_ptr, pdt_ptr, pg_ptr, dtp_ptr, dtp_s, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
-                       HAS_GO: tl.constexpr, HAS_GH: tl.constexpr, DTG: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       HAS_GO: tl.constexpr, HAS_GH: tl.constexpr, DTG: tl.constexpr, OUT_MASK: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows, rmask = _rows(B, BLOCK_R)
         dtp = _row_param(dtp_ptr, dtp_s, rows, rmask)
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
@@ -239,11 +246,16 @@ if triton is not None:
                 s = tl.zeros([BLOCK_R, BLOCK_D], ACC)
                 delta = tl.zeros([BLOCK_R, BLOCK_D], ACC)
                 G = tl.zeros([BLOCK_R, BLOCK_D], ACC)
-            _st(o0_ptr, offs, m, G * invp)
-            _st(o1_ptr, offs, m, go - G * invp)
-            _st(o2_ptr, offs, m, go * dt + G * (sdtp / g))
-            _st(o3_ptr, offs, m, G * (-g * sdtp))
-            _st(o4_ptr, offs, m, go * c)
+            if OUT_MASK & 1:
+                _st(o0_ptr, offs, m, G * invp)
+            if OUT_MASK & 2:
+                _st(o1_ptr, offs, m, go - G * invp)
+            if OUT_MASK & 4:
+                _st(o2_ptr, offs, m, go * dt + G * (sdtp / g))
+            if OUT_MASK & 8:
+                _st(o3_ptr, offs, m, G * (-g * sdtp))
+            if OUT_MASK & 16:
+                _st(o4_ptr, offs, m, go * c)
             if DTG:
                 n = _ld(n_ptr, offs, m, ACC)
                 acc_dtp += G * ((f / g - g * s) / sdtp - delta / (2.0 * dtp))
@@ -402,7 +414,17 @@ def em_step(x, drift, noise, dt, g):
     return out
 
 
-def em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad):
+def _mask_bits(mask) -> int:
+    return sum(1 << i for i, m in enumerate(mask) if m)
+
+
+def _grad_outs(x: Tensor, mask):
+    """Elementwise gradient outputs (empty (0,) tensors where masked out) and the pointers to pass."""
+    outs = [x.new_empty(x.shape if m else (0,)) for m in mask]
+    return outs, [o if m else x for o, m in zip(outs, mask)]  # masked: a valid dummy pointer, never written
+
+
+def em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad, output_mask):
     B, D = _setup("grad_out", grad_out, {"drift": drift, "noise": noise}, {"dt": dt, "g": g})
     if dt_g_grad and (drift is None or noise is None):
         raise ValueError("em_step_backward: drift and noise are required when dt_g_grad is true")
@@ -410,11 +432,11 @@ def em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad):
     go = _flat(grad_out, B, D)
     f = _flat(drift, B, D) if dt_g_grad else go
     n = _flat(noise, B, D) if dt_g_grad else go
-    g_drift, g_noise = grad_out.new_empty(grad_out.shape), grad_out.new_empty(grad_out.shape)
+    (g_drift, g_noise), ptrs = _grad_outs(grad_out, output_mask)
     pdt, pg = L.sums(grad_out, 2, dt_g_grad)
     with _guard(grad_out):
-        _em_step_bwd[L.grid](go, f, n, g_drift, g_noise, pdt, pg, dt, dt.stride(0), g, g.stride(0), *L.tail,
-                             DTG=bool(dt_g_grad), **L.meta)
+        _em_step_bwd[L.grid](go, f, n, *ptrs, pdt, pg, dt, dt.stride(0), g, g.stride(0), *L.tail,
+                             DTG=bool(dt_g_grad), OUT_MASK=_mask_bits(output_mask), **L.meta)
     g_dt, g_g = L.finish([pdt, pg]) if dt_g_grad else (pdt, pg)
     return g_drift, g_noise, g_dt, g_g
 
@@ -432,7 +454,8 @@ def backward_noise(x_prev, x_next, drift_next, score_next, dt, g):
     return delta, hs
 
 
-def backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g, dt_g_grad):
+def backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, score_next, dt, g, dt_g_grad,
+                            output_mask):
     B, D = _setup(
         "delta",
         delta,
@@ -447,12 +470,12 @@ def backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, sco
     f = _flat(drift_next, B, D) if dt_g_grad else dc
     s = _flat(score_next, B, D) if dt_g_grad else dc
     gh, gh_s = _rp(grad_half_sqnorm, dt)
-    outs = [delta.new_empty(delta.shape) for _ in range(4)]
+    outs, ptrs = _grad_outs(delta, output_mask)
     pdt, pg = L.sums(delta, 2, dt_g_grad)
     with _guard(delta):
-        _backward_noise_bwd[L.grid](gd, gh, gh_s, dc, f, s, *outs, pdt, pg, dt, dt.stride(0), g, g.stride(0), *L.tail,
+        _backward_noise_bwd[L.grid](gd, gh, gh_s, dc, f, s, *ptrs, pdt, pg, dt, dt.stride(0), g, g.stride(0), *L.tail,
                                     HAS_GD=grad_delta is not None, HAS_GH=grad_half_sqnorm is not None,
-                                    DTG=bool(dt_g_grad), **L.meta)
+                                    DTG=bool(dt_g_grad), OUT_MASK=_mask_bits(output_mask), **L.meta)
     g_dt, g_g = L.finish([pdt, pg]) if dt_g_grad else (pdt, pg)
     return (*outs, g_dt, g_g)
 
@@ -473,7 +496,8 @@ def flow_step(x_prev, x, drift, score, noise, dt_prev, dt, g):
     return x_next, hs
 
 
-def flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g, dt_g_grad):
+def flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, noise, dt_prev, dt, g, dt_g_grad,
+                       output_mask):
     B, D = _setup(
         "x",
         x,
@@ -488,12 +512,13 @@ def flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, n
     go = _flat(grad_x_next, B, D) if has_go else xc
     n = _flat(noise, B, D) if dt_g_grad else xc
     gh, gh_s = _rp(grad_half_sqnorm, dt)
-    outs = [x.new_empty(x.shape) for _ in range(5)]
+    outs, ptrs = _grad_outs(x, output_mask)
     pdtp, pdt, pg = L.sums(x, 3, dt_g_grad)
     with _guard(x):
         _flow_step_bwd[L.grid](go, gh, gh_s, _flat(x_prev, B, D), xc, _flat(drift, B, D), _flat(score, B, D), n,
-                               *outs, pdtp, pdt, pg, dt_prev, dt_prev.stride(0), dt, dt.stride(0), g, g.stride(0),
-                               *L.tail, HAS_GO=has_go, HAS_GH=has_gh, DTG=bool(dt_g_grad), **L.meta)
+                               *ptrs, pdtp, pdt, pg, dt_prev, dt_prev.stride(0), dt, dt.stride(0), g, g.stride(0),
+                               *L.tail, HAS_GO=has_go, HAS_GH=has_gh, DTG=bool(dt_g_grad),
+                               OUT_MASK=_mask_bits(output_mask), **L.meta)
     sums = L.finish([pdtp, pdt, pg]) if dt_g_grad else [pdtp, pdt, pg]
     return (*outs, *sums)
 

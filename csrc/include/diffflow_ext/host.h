@@ -11,7 +11,7 @@
 //   template <typename scalar_t, typename Op>
 //   static void run(const Op&, int64_t B, int64_t D,
 //                   const std::array<const scalar_t*, Op::NIN>& in,    // null = read as zeros
-//                   const std::array<scalar_t*, Op::NOUT>& out,
+//                   const std::array<scalar_t*, Op::NOUT>& out,                // null = not written
 //                   const std::array<at::Tensor, Op::NRED>& red);      // (B,) sums; undefined = skip
 //
 // The schemas live in Python (diffflow_ext/ops/_library.py); these functions must match them.
@@ -91,6 +91,15 @@ inline Tensor row_out(const Tensor& x, bool wanted = true) {
   return at::empty({wanted ? x.size(0) : 0}, x.options().dtype(acc_dtype(x.scalar_type())));
 }
 
+// An elementwise gradient output: the state's shape when wanted, else an empty (0,) tensor (not written).
+inline Tensor grad_out_like(const Tensor& x, bool wanted) {
+  return wanted ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+}
+template <typename T>
+inline T* optr(const Tensor& t, bool wanted) {
+  return wanted ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 #define DIFFFLOW_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -117,7 +126,8 @@ struct Ops {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor> em_step_backward(const Tensor& grad_out, const OptTensor& drift,
                                                                      const OptTensor& noise, const Tensor& dt,
-                                                                     const Tensor& g, bool dt_g_grad) {
+                                                                     const Tensor& g, bool dt_g_grad,
+                                                                     std::array<bool, 2> mask) {
     check_state("grad_out", grad_out);
     if (present(drift)) check_like("drift", *drift, grad_out, "grad_out");
     if (present(noise)) check_like("noise", *noise, grad_out, "grad_out");
@@ -130,14 +140,13 @@ struct Ops {
     auto go = flat(grad_out, B, D);
     auto fc = dt_g_grad ? flat(drift, B, D) : Tensor();
     auto nc = dt_g_grad ? flat(noise, B, D) : Tensor();
-    auto g_drift = at::empty(grad_out.sizes(), grad_out.options());
-    auto g_noise = at::empty(grad_out.sizes(), grad_out.options());
+    auto g_drift = grad_out_like(grad_out, mask[0]), g_noise = grad_out_like(grad_out, mask[1]);
     auto g_dt = row_out(grad_out, dt_g_grad), g_g = row_out(grad_out, dt_g_grad);
     DIFFFLOW_DISPATCH(grad_out.scalar_type(), "diffflow_ext::em_step_backward", [&] {
       using A = at::opmath_type<scalar_t>;
       math::EmStepBwd<A> op{rowp<A>(dt), rowp<A>(g)};
       L::template run<scalar_t>(op, B, D, {cptr<scalar_t>(go), cptr<scalar_t>(fc), cptr<scalar_t>(nc)},
-                                {mptr<scalar_t>(g_drift), mptr<scalar_t>(g_noise)},
+                                {optr<scalar_t>(g_drift, mask[0]), optr<scalar_t>(g_noise, mask[1])},
                                 {dt_g_grad ? g_dt : Tensor(), dt_g_grad ? g_g : Tensor()});
     });
     return {g_drift, g_noise, g_dt, g_g};
@@ -168,7 +177,8 @@ struct Ops {
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_noise_backward(
       const OptTensor& grad_delta, const OptTensor& grad_half_sqnorm, const Tensor& delta,
-      const OptTensor& drift_next, const OptTensor& score_next, const Tensor& dt, const Tensor& g, bool dt_g_grad) {
+      const OptTensor& drift_next, const OptTensor& score_next, const Tensor& dt, const Tensor& g, bool dt_g_grad,
+      std::array<bool, 4> mask) {
     check_state("delta", delta);
     if (present(grad_delta)) check_like("grad_delta", *grad_delta, delta, "delta");
     if (present(grad_half_sqnorm)) check_row("grad_half_sqnorm", *grad_half_sqnorm, delta);
@@ -184,18 +194,19 @@ struct Ops {
     auto fc = dt_g_grad ? flat(drift_next, B, D) : Tensor();
     auto sc = dt_g_grad ? flat(score_next, B, D) : Tensor();
     const Tensor gh = present(grad_half_sqnorm) ? *grad_half_sqnorm : Tensor();
-    auto o0 = at::empty(delta.sizes(), delta.options()), o1 = at::empty(delta.sizes(), delta.options());
-    auto o2 = at::empty(delta.sizes(), delta.options()), o3 = at::empty(delta.sizes(), delta.options());
+    std::array<Tensor, 4> o;
+    for (int i = 0; i < 4; ++i) o[i] = grad_out_like(delta, mask[i]);
     auto g_dt = row_out(delta, dt_g_grad), g_g = row_out(delta, dt_g_grad);
     DIFFFLOW_DISPATCH(delta.scalar_type(), "diffflow_ext::backward_noise_backward", [&] {
       using A = at::opmath_type<scalar_t>;
       math::BackwardNoiseBwd<A> op{rowp<A>(gh), rowp<A>(dt), rowp<A>(g)};
       L::template run<scalar_t>(
           op, B, D, {cptr<scalar_t>(gd), cptr<scalar_t>(dc), cptr<scalar_t>(fc), cptr<scalar_t>(sc)},
-          {mptr<scalar_t>(o0), mptr<scalar_t>(o1), mptr<scalar_t>(o2), mptr<scalar_t>(o3)},
+          {optr<scalar_t>(o[0], mask[0]), optr<scalar_t>(o[1], mask[1]), optr<scalar_t>(o[2], mask[2]),
+           optr<scalar_t>(o[3], mask[3])},
           {dt_g_grad ? g_dt : Tensor(), dt_g_grad ? g_g : Tensor()});
     });
-    return {o0, o1, o2, o3, g_dt, g_g};
+    return {o[0], o[1], o[2], o[3], g_dt, g_g};
   }
 
   static std::tuple<Tensor, Tensor> flow_step(const Tensor& x_prev, const Tensor& x, const Tensor& drift,
@@ -229,7 +240,7 @@ struct Ops {
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> flow_step_backward(
       const OptTensor& grad_x_next, const OptTensor& grad_half_sqnorm, const Tensor& x_prev, const Tensor& x,
       const Tensor& drift, const Tensor& score, const OptTensor& noise, const Tensor& dt_prev, const Tensor& dt,
-      const Tensor& g, bool dt_g_grad) {
+      const Tensor& g, bool dt_g_grad, std::array<bool, 5> mask) {
     check_state("x", x);
     if (present(grad_x_next)) check_like("grad_x_next", *grad_x_next, x, "x");
     if (present(grad_half_sqnorm)) check_row("grad_half_sqnorm", *grad_half_sqnorm, x);
@@ -253,7 +264,7 @@ struct Ops {
     auto nc = (dt_g_grad && has_go) ? flat(noise, B, D) : Tensor();
     const Tensor gh = has_gh ? *grad_half_sqnorm : Tensor();
     std::array<Tensor, 5> o;
-    for (auto& t : o) t = at::empty(x.sizes(), x.options());
+    for (int i = 0; i < 5; ++i) o[i] = grad_out_like(x, mask[i]);
     auto g_dtp = row_out(x, dt_g_grad), g_dt = row_out(x, dt_g_grad), g_g = row_out(x, dt_g_grad);
     DIFFFLOW_DISPATCH(x.scalar_type(), "diffflow_ext::flow_step_backward", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -261,8 +272,9 @@ struct Ops {
       L::template run<scalar_t>(op, B, D,
                                 {cptr<scalar_t>(go), cptr<scalar_t>(xp), cptr<scalar_t>(xc), cptr<scalar_t>(fc),
                                  cptr<scalar_t>(sc), cptr<scalar_t>(nc)},
-                                {mptr<scalar_t>(o[0]), mptr<scalar_t>(o[1]), mptr<scalar_t>(o[2]),
-                                 mptr<scalar_t>(o[3]), mptr<scalar_t>(o[4])},
+                                {optr<scalar_t>(o[0], mask[0]), optr<scalar_t>(o[1], mask[1]),
+                                 optr<scalar_t>(o[2], mask[2]), optr<scalar_t>(o[3], mask[3]),
+                                 optr<scalar_t>(o[4], mask[4])},
                                 {dt_g_grad ? g_dtp : Tensor(), dt_g_grad ? g_dt : Tensor(), dt_g_grad ? g_g : Tensor()});
     });
     return {o[0], o[1], o[2], o[3], o[4], g_dtp, g_dt, g_g};
