@@ -99,6 +99,11 @@ def time_fn(
         sync(device)
         wall.append((time.perf_counter() - t0) / inner)
         cpu.append((time.process_time() - c0) / inner)
+    return _stats(wall, cpu, inner)
+
+
+def _stats(wall: list[float], cpu: list[float], inner: int) -> dict:
+    use_cpu = _CLOCK["name"] == "cpu"
     samples = sorted(cpu if use_cpu else wall)
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     return {
@@ -108,9 +113,53 @@ def time_fn(
         "wall_median_s": statistics.median(wall),
         "cpu_median_s": statistics.median(cpu),
         "clock": _CLOCK["name"],
-        "repeats": reps,
+        "repeats": len(samples),
         "inner": inner,
     }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    min_block_s: float = 2e-3,
+    max_total_s: float = 3.0,
+    min_repeats: int = 3,
+) -> dict[str, dict]:
+    """Like :func:`time_fn` for several callables whose *ratios* matter: their timed blocks are interleaved
+    round-robin (the order rotating every round), so that all of them see the same machine conditions --
+    on a shared machine, load that comes and goes then shifts every callable alike instead of one of them.
+    ``max_total_s`` is the budget of the whole group."""
+    use_cpu = _CLOCK["name"] == "cpu"
+    names = list(fns)
+    inner, est = {}, {}
+    for k in names:
+        for _ in range(max(1, warmup)):
+            fns[k]()
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fns[k]()
+        sync(device)
+        one = max(time.process_time() - c0 if use_cpu else time.perf_counter() - t0, 1e-7)
+        inner[k] = max(1, int(min_block_s / one))
+        est[k] = one * inner[k]
+    rounds = max(min_repeats, min(repeats, int(max_total_s / sum(est.values()))))
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    for r in range(rounds):
+        for j in range(len(names)):
+            k = names[(j + r) % len(names)]
+            fn, n = fns[k], inner[k]
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn()
+            sync(device)
+            wall[k].append((time.perf_counter() - t0) / n)
+            cpu[k].append((time.process_time() - c0) / n)
+    return {k: _stats(wall[k], cpu[k], inner[k]) for k in names}
 
 
 # ----------------------------------------------------------------------------- memory

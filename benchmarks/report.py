@@ -36,6 +36,9 @@ def step_tables(doc: dict, ops=None, modes=None) -> str:
         if key not in by:
             order.append(key)
         by[key][r["backend"]] = r
+    op_i = {o: i for i, o in enumerate(dict.fromkeys(r["op"] for r in recs))}
+    size_i = {z: i for i, z in enumerate(dict.fromkeys(r["size"] for r in recs))}
+    order.sort(key=lambda k: (op_i[k[0]], k[1], size_i[k[2]]))  # op, then mode, then size
     impls = list(dict.fromkeys(r["backend"] for r in recs))
     fused = [i for i in impls if i not in ("eager", "compile", "torch")]
     parts = [f"_{meta_line(doc['meta'])}_", ""]

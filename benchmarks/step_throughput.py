@@ -12,7 +12,9 @@ For every size, op and mode (``fwd``; ``fwdbwd`` = forward + the backward that t
 
 and reports the median time, the achieved bandwidth of the bytes the op *must* move (byte model below), the
 same-run bandwidth of a plain ``dst.copy_(src)`` moving the same number of bytes (``src`` and ``dst`` of
-``bytes/2`` each: one read + one write), the fraction of that copy bandwidth, and the speed-ups.
+``bytes/2`` each: one read + one write), the fraction of that copy bandwidth, and the speed-ups. The timed blocks of
+all implementations of one (size, op, mode) and of its copy are interleaved round-robin
+(``_common.time_interleaved``), so that their ratios hold even on a machine shared with other work.
 
 Byte model (``E`` = element size of the data dtype, ``S`` = size of the accumulation dtype used for the
 per-sample ``(B,)`` tensors dt / g / weight / half_sqnorm; ``BD`` = number of data elements):
@@ -97,6 +99,7 @@ OPS = {
 }
 PER_SAMPLE_TENSORS = {"weight"}  # (B,) tensors among the op's positional "tensors"
 REF = {name: getattr(reference, f"{name}_ref") for name in OPS}
+COPY = "_copy"
 
 
 def make_inputs(op: str, B: int, D: int, dtype, device, gen: torch.Generator) -> list[torch.Tensor]:
@@ -219,19 +222,8 @@ def main(argv=None) -> int:
     print(f"# fused backends timed: {backends or '(none)'}   auto -> {meta['auto_backend']}")
     gen = torch.Generator().manual_seed(0)
     records: list[dict] = []
-    copy_cache: dict[int, float] = {}
     compiled: dict[str, object] = {}
     t_start = time.perf_counter()
-
-    def copy_gbps(nbytes: int) -> float:
-        if nbytes not in copy_cache:
-            n = max(1, nbytes // 2 // 4)
-            src = torch.randn(n, device=device)
-            dst = torch.empty_like(src)
-            st = C.time_fn(lambda: dst.copy_(src), device, repeats=repeats, max_total_s=max_time,
-                           min_block_s=min_block)
-            copy_cache[nbytes] = 2 * n * 4 / st["median_s"] / 1e9
-        return copy_cache[nbytes]
 
     for size in args.sizes:
         B, D = SIZES[size]
@@ -243,27 +235,34 @@ def main(argv=None) -> int:
                     continue
                 nbytes = OPS[op]["bytes"][mode](B * D, B, E, S)
                 impls = list(backends) + ["eager"] + (["compile"] if op in compile_ops else [])
-                results = {}
+                fns, compile_s = {}, {}
                 for impl in impls:
-                    fn = impl_fn(op, impl, compiled)
-                    call = make_call(op, fn, base_args, names, mode, gen)
-                    compile_s = None
-                    if impl == "compile":
+                    fns[impl] = make_call(op, impl_fn(op, impl, compiled), base_args, names, mode, gen)
+                    if impl == "compile":  # compile now, outside the timings
                         t0 = time.perf_counter()
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            call()
+                            fns[impl]()
                         C.sync(device)
-                        compile_s = time.perf_counter() - t0
-                    st = C.time_fn(call, device, repeats=repeats, max_total_s=max_time, min_block_s=min_block)
-                    results[impl] = dict(st, compile_s=compile_s)
-                cg = copy_gbps(nbytes)
+                        compile_s[impl] = time.perf_counter() - t0
+                # the practical limit, in the same rounds: dst.copy_(src) moving the same number of bytes
+                n_copy = max(1, nbytes // 2 // 4)
+                src = torch.randn(n_copy, device=device)
+                dst = torch.empty_like(src)
+                fns[COPY] = lambda: dst.copy_(src)
+                results = C.time_interleaved(fns, device, repeats=repeats, max_total_s=max_time * len(fns),
+                                             min_block_s=min_block)
+                del src, dst
+                cg = 2 * n_copy * 4 / results.pop(COPY)["median_s"] / 1e9
+                for impl in results:
+                    results[impl]["compile_s"] = compile_s.get(impl)
                 for impl, st in results.items():
                     gbps = nbytes / st["median_s"] / 1e9
                     rec = dict(
                         op=op, backend=impl, size=size, B=B, D=D, dtype=args.dtype, device=str(device), mode=mode,
                         median_s=st["median_s"], min_s=st["min_s"], iqr_s=st["iqr_s"], repeats=st["repeats"],
-                        inner=st["inner"], bytes=nbytes, GBps=gbps, copy_GBps=cg, fraction_of_copy=gbps / cg,
+                        inner=st["inner"], clock=st["clock"], wall_median_s=st["wall_median_s"],
+                        cpu_median_s=st["cpu_median_s"], bytes=nbytes, GBps=gbps, copy_GBps=cg, fraction_of_copy=gbps / cg,
                         speedup_vs_eager=results["eager"]["median_s"] / st["median_s"],
                         speedup_vs_compile=(results["compile"]["median_s"] / st["median_s"]
                                             if "compile" in results else None),

@@ -32,6 +32,9 @@ can be read off.
 Sampling throughput: samples/s of ``model.sample(B)`` (Euler-Maruyama on the N-step grid, no grad) for the auto
 and the torch backend.
 
+The variants of one setting (and the two sampling backends) are timed interleaved, round-robin
+(``_common.time_interleaved``), so that their ratios hold on a machine shared with other work.
+
 Usage::
 
     python benchmarks/train_step.py [--json FILE] [--device cpu|cuda] [--settings 2d image]
@@ -217,10 +220,9 @@ def main(argv=None) -> int:
         if auto != "torch":
             variants.append((f"autograd+{auto}", model_iteration(model, x0, device, "autograd", "auto")))
         variants += [("original", original_iteration(model, x0, device)), ("floor", floor_iteration(model, x0, device))]
-        times = {}
-        for name, it in variants:
-            st = C.time_fn(it, device, repeats=repeats, warmup=2, min_block_s=0.0, max_total_s=max_time)
-            times[name] = st
+        times = C.time_interleaved(dict(variants), device, repeats=repeats, warmup=2, min_block_s=0.0,
+                                   max_total_s=max_time * len(variants))
+        for name, st in times.items():
             records.append(dict(kind="train_iter", setting=sname, variant=name, device=str(device),
                                 num_steps=s["num_steps"], batch=s["batch"], dim=s["dim"], **st))
         fused = times[f"adjoint+{auto}"]["median_s"]
@@ -254,11 +256,17 @@ def main(argv=None) -> int:
 
         if not args.no_sample:
             rows = []
-            for backend in dict.fromkeys(["auto", "torch"]):
-                model.backend = backend
-                gen = torch.Generator(device=device).manual_seed(4)
-                st = C.time_fn(lambda: model.sample(s["batch"], generator=gen), device, repeats=repeats, warmup=2,
-                               min_block_s=0.0, max_total_s=max_time / 2)
+            gen = torch.Generator(device=device).manual_seed(4)
+
+            def sampler(backend):
+                def run():
+                    model.backend = backend
+                    return model.sample(s["batch"], generator=gen)
+                return run
+            backends = list(dict.fromkeys(["auto", "torch"]))
+            stats = C.time_interleaved({b: sampler(b) for b in backends}, device, repeats=repeats, warmup=2,
+                                       min_block_s=0.0, max_total_s=max_time)
+            for backend, st in stats.items():
                 label = f"{backend}->{C.resolved_auto(device)}" if backend == "auto" else backend
                 sps = s["batch"] / st["median_s"]
                 records.append(dict(kind="sample", setting=sname, backend=label, device=str(device), n=s["batch"],
