@@ -5,7 +5,9 @@
 
 Extensions (sources and flags from csrc/build_config.json, shared with CMakeLists.txt):
 
-* ``diffflow_ext._C``       C++ CPU kernels, always built;
+* ``diffflow_ext._C``       C++ CPU kernels, always built (portable baseline ISA);
+* ``diffflow_ext._C_avx2``  the same kernels with ATen's AVX2 vectors (x86-64; loaded instead of ``_C``
+  when torch reports AVX2/AVX512 support; ``DIFFFLOW_CPU_ISA=default`` forces ``_C``);
 * ``diffflow_ext._C_cuda``  CUDA kernels, built whenever nvcc and a CUDA build of torch are present
   (no GPU needed).
 
@@ -15,7 +17,7 @@ Environment switches:
 * ``DIFFFLOW_FORCE_CUDA=1``  build it or fail loudly (instead of silently skipping it);
 * ``TORCH_CUDA_ARCH_LIST``   CUDA architectures (default: ``default_cuda_arch_list`` of the config, "9.0");
 * ``CUDA_HOME``              CUDA toolkit (default: /usr/local/cuda when it has bin/nvcc);
-* ``DIFFFLOW_CPU_NATIVE=1``  add -march=native to the CPU build (faster, not portable);
+* ``DIFFFLOW_CPU_NATIVE=1``  add -march=native to the CPU build (not portable; no ISA variants);
 * ``MAX_JOBS``               parallel compile jobs (ninja).
 """
 
@@ -54,6 +56,12 @@ def _log(msg: str) -> None:
     print(f"[diffflow_ext setup] {msg}", file=sys.stderr)
 
 
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _cuda_build() -> tuple[bool, str]:
     if _env_flag("DIFFFLOW_SKIP_CUDA"):
         return False, "DIFFFLOW_SKIP_CUDA is set"
@@ -79,6 +87,18 @@ def _extensions() -> list:
             extra_compile_args={"cxx": cxx},
         )
     ]
+    # The same CPU kernels compiled for a wider ISA (ATen's AVX2 Vectorized), as separate modules:
+    # diffflow_ext loads one only when torch reports a CPU capability that can run it.
+    if _is_x86() and not _env_flag("DIFFFLOW_CPU_NATIVE"):
+        for variant in CONFIG.get("cpu_isa_variants", []):
+            exts.append(
+                CppExtension(
+                    CONFIG["cpu_module"] + variant["module_suffix"],
+                    CONFIG["cpu_sources"],
+                    include_dirs=include_dirs,
+                    extra_compile_args={"cxx": cxx + variant["flags"]},
+                )
+            )
     ok, why = _cuda_build()
     if ok:
         _log(f"building the CUDA extension: {why}")

@@ -391,3 +391,53 @@ def test_backward_output_mask():
             torch.testing.assert_close(a, b)
         else:
             assert b.shape == (0,)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("isa", ["default", "auto"])
+def test_cpu_isa_modules(isa):
+    """Both CPU kernel builds (portable baseline ``_C``, and ``_C_avx2`` where the CPU has AVX2)
+    match the reference; DIFFFLOW_CPU_ISA=default forces the baseline. Runs in a subprocess, since
+    a process loads one of them."""
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import torch, diffflow_ext
+from diffflow_ext.ops import _library, reference as R
+from diffflow_ext import ops
+src = _library._SOURCES["cpu"]
+print(src)
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for shape in [(3, 7), (2, 70000), (5, 2, 3)]:
+        xs = [torch.randn(shape).to(dtype) for _ in range(6)]
+        acc = R.acc_dtype(dtype)
+        dt, g, w = (torch.rand(shape[0], dtype=acc) + 0.2 for _ in range(3))
+        tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        for a, b in zip(ops.flow_step(*xs[:5], dt, dt, g, backend="cpu"), R.flow_step_ref(*xs[:5], dt, dt, g)):
+            torch.testing.assert_close(a, b, **tol)
+        for a, b in zip(ops.adjoint_step(*xs[:4], w, xs[4], xs[5], dt, dt, g, backend="cpu"),
+                        R.adjoint_step_ref(*xs[:4], w, xs[4], xs[5], dt, dt, g)):
+            torch.testing.assert_close(a, b, **tol)
+x = [torch.randn(3, 9, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+d = (torch.rand(3, dtype=torch.float64) + 0.2).requires_grad_()
+assert torch.autograd.gradcheck(lambda *a: ops.flow_step(*a, backend="cpu"), (*x, d, d, d))
+print("OK")
+"""
+    import tempfile
+    from pathlib import Path
+
+    # the same diffflow_ext as this process (installed or checkout), whatever the working directory
+    pkg_parent = str(Path(diffflow_ext.__file__).resolve().parents[1])
+    env = dict(os.environ, DIFFFLOW_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tempfile.gettempdir())
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+    src = r.stdout.split()[0]
+    if isa == "default":
+        assert src == "diffflow_ext._C"
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and src != "diffflow_ext._C_avx2":
+        pytest.fail(f"AVX2-capable CPU but {src} was loaded (is diffflow_ext._C_avx2 built?)")

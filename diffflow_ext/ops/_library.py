@@ -251,13 +251,39 @@ _SOURCES: dict[str, str] = {}  # device type -> what registered its kernels
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+CPU_ISA_ENV_VAR = "DIFFFLOW_CPU_ISA"  # "default": skip the wider-ISA CPU module
+# CPU kernel modules, preferred first, with the torch CPU capabilities that can run them (the
+# variants of csrc/build_config.json "cpu_isa_variants"; the baseline module runs anywhere).
+CPU_MODULES = (("diffflow_ext._C_avx2", ("AVX2", "AVX512")), ("diffflow_ext._C", None))
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+    except Exception:  # noqa: BLE001 - very old torch / exotic platform
+        return "DEFAULT"
+
+
 def _load_extensions() -> None:
-    for dev, module in (("cpu", "diffflow_ext._C"), ("cuda", "diffflow_ext._C_cuda")):
+    cap = _cpu_capability()
+    skip_isa = os.environ.get(CPU_ISA_ENV_VAR, "").strip().lower() == "default"
+    errors = []
+    for module, caps in CPU_MODULES:
+        if caps is not None and (skip_isa or cap not in caps):
+            continue
         try:
             importlib.import_module(module)
-            _SOURCES[dev] = module
-        except ImportError as e:  # not built, or built against another torch / without CUDA runtime
-            _LOAD_ERRORS[dev] = f"{module}: {e}"
+            _SOURCES["cpu"] = module
+            break
+        except ImportError as e:  # not built, or built against another torch
+            errors.append(f"{module}: {e}")
+    if "cpu" not in _SOURCES:
+        _LOAD_ERRORS["cpu"] = "; ".join(errors)
+    try:
+        importlib.import_module("diffflow_ext._C_cuda")
+        _SOURCES["cuda"] = "diffflow_ext._C_cuda"
+    except ImportError as e:  # not built, or no CUDA runtime / another torch
+        _LOAD_ERRORS["cuda"] = f"diffflow_ext._C_cuda: {e}"
     # Libraries built with CMake (CMakeLists.txt); meant for when the package's extensions are not built.
     for path in filter(None, os.environ.get(LIBRARY_ENV_VAR, "").split(os.pathsep)):
         before = {dev: has_kernel(NAMESPACE, key) for dev, key in _KEYS.items()}
