@@ -246,6 +246,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "available_backends": {k: v["available"] for k, v in diffflow_ext.available_backends().items()},
+        "backend_reasons": {k: v["reason"] for k, v in diffflow_ext.available_backends().items()},
         "diffflow_ext_path": str(Path(diffflow_ext.__file__).parent),
         "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
