@@ -101,14 +101,22 @@ class _AdjointLoss(torch.autograd.Function):
         N, b = walk.num_steps, walk.backend
         t, dt, g = walk.t, walk.dt, walk.g
         grads: list[Tensor | None] = [None] * len(params)
+        # parameters of each network (by position in ``params``), so that each VJP materialises only one
+        # network's gradients next to the running sums, which are accumulated in place
+        index = {id(p): k for k, p in enumerate(params)}
+        groups = [[index[id(p)] for p in net.parameters() if id(p) in index] for net in (walk.drift, walk.score)]
 
-        def pull_back(outputs, cotangents, x):
-            """VJP of the networks' outputs at ``x``; accumulates parameter grads, returns d/dx."""
-            got = torch.autograd.grad(outputs, (x, *params), cotangents, allow_unused=True)
-            for k, gk in enumerate(got[1:]):
+        def pull_back(outputs, cotangents, x, group, retain):
+            """VJP of one network's outputs at ``x``; accumulates its parameter grads, returns d/dx."""
+            got = torch.autograd.grad(outputs, (x, *(params[k] for k in group)), cotangents, allow_unused=True,
+                                      retain_graph=retain)
+            for k, gk in zip(group, got[1:]):
                 if gk is not None:
-                    grads[k] = gk if grads[k] is None else grads[k] + gk
-            return got[0] if got[0] is not None else torch.zeros_like(x)
+                    if grads[k] is None:
+                        grads[k] = gk
+                    else:
+                        grads[k].add_(gk)
+            return got[0]
 
         w = w.detach()
         zeros = torch.zeros_like(xs[0])
@@ -122,17 +130,18 @@ class _AdjointLoss(torch.autograd.Function):
                     prev, dt_prev, weight = xs[i - 1], dt[:, i - 1], w
                 else:  # no transition into x_0: weight 0 turns adjoint_step into the plain EM pull-back
                     s, prev, dt_prev, weight = f, xs[0], dt[:, 0], torch.zeros_like(w)
-                outs = [f, s] if i > 0 else [f]
-                if i == N:
-                    prior = walk.prior_nll(x)
-                    outs.append(prior)
                 adj_prev, cot_x, cot_f, cot_s = ops.adjoint_step(
                     prev, xs[i], f.detach(), s.detach(), weight, adj_next, adj_direct,
                     dt_prev, dt[:, min(i, N - 1)], g[:, i], backend=b)
-                cots = [cot_f, cot_s] if i > 0 else [cot_f]
-                if i == N:
-                    cots.append(w.to(prior.dtype))
-                adj_next = pull_back(outs, cots, x) + cot_x
+                adj = cot_x  # a fresh buffer from adjoint_step: accumulate into it in place
+                if i == N:  # the prior's gradient enters at x_N
+                    (gp,) = torch.autograd.grad(walk.prior_nll(x), x, w.to(cot_x.dtype))
+                    adj.add_(gp)
+                for out, cot, group in ((f, cot_f, groups[0]), (s, cot_s, groups[1]))[: 2 if i > 0 else 1]:
+                    gx = pull_back(out, cot, x, group, retain=False)
+                    if gx is not None:
+                        adj.add_(gx)
+                adj_next = adj
             adj_direct = adj_prev
         # adj_next is now dL/dx_0.
         return (None, adj_next if ctx.needs_input_grad[1] else None, *grads)

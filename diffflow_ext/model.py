@@ -154,17 +154,26 @@ class DiffFlow(nn.Module):
         base = polynomial_grid(n, self.t_start, self.t_end, self.time_exponent)
         if grid == "flexible":
             return flexible_grid(base, batch_size, generator).to(device)
-        return base.expand(batch_size, n + 1).to(device)
+        return base.to(device).expand(batch_size, n + 1)  # one row shared by the batch (stride 0)
+
+    def step_coefficients(self, t64: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(t, dt, g)`` of a ``(B, N+1)`` float64 grid: network times in ``dtype``, ``dt`` ``(B, N)`` and ``g``
+        ``(B, N+1)`` in its accumulation dtype. A grid shared by the batch (stride 0) stays expanded."""
+        acc = acc_dtype(dtype)
+        B = t64.shape[0]
+        if t64.stride(0) == 0:  # compute on one row; no B x N copies
+            row = t64[:1]
+            return (row.to(dtype).expand(B, -1), (row[:, 1:] - row[:, :-1]).to(acc).expand(B, -1),
+                    self.diffusion.at_grid(row).to(acc).expand(B, -1))
+        return t64.to(dtype), (t64[:, 1:] - t64[:, :-1]).to(acc), self.diffusion.at_grid(t64).to(acc)
 
     def _walk(self, x: Tensor, t64: Tensor, generator: torch.Generator | None) -> Walk:
-        acc = acc_dtype(x.dtype)
-        dt = (t64[:, 1:] - t64[:, :-1]).to(acc)
-        g = self.diffusion.at_grid(t64).to(acc)
+        t, dt, g = self.step_coefficients(t64, x.dtype)
 
         def noise(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-        return Walk(self.drift, self.score, t64.to(x.dtype), dt, g, self.prior_nll, noise, self.backend)
+        return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend)
 
     def _check_data(self, name: str, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):

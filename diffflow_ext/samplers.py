@@ -59,7 +59,7 @@ class EulerMaruyamaSampler:
 
     def step(self, model, x: Tensor, t_next: Tensor, dt: Tensor, g_next: Tensor, lam: float,
              generator, noisy: bool) -> Tensor:
-        f, s = model.drift(x, t_next.to(x.dtype)), model.score(x, t_next.to(x.dtype))
+        f, s = model.drift(x, t_next), model.score(x, t_next)
         drift = -marginal_drift(f, s, g_next, lam)
         if noisy and lam > 0:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -70,10 +70,8 @@ class EulerMaruyamaSampler:
     def __call__(self, model, x: Tensor, *, lam: float, num_steps, generator, denoise: bool,
                  keep_trajectory: bool):
         n = x.shape[0]
-        t = model.time_grid(n, num_steps=num_steps, grid="fixed", device=x.device)
-        acc = ops.reference.acc_dtype(x.dtype)
-        g = model.diffusion.at_grid(t).to(acc)
-        dt = (t[:, 1:] - t[:, :-1]).to(acc)
+        t, dt, g = model.step_coefficients(model.time_grid(n, num_steps=num_steps, grid="fixed", device=x.device),
+                                           x.dtype)
         N = dt.shape[1]
         traj = [x] if keep_trajectory else None
         for i in range(N - 1, -1, -1):
