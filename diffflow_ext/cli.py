@@ -70,6 +70,8 @@ def _train_parser(sub) -> None:
                    help="held-out points for the final ODE log-likelihood (0: skip)")
     e.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="iterations between checkpoints (0: end)")
     e.add_argument("--eval-seed", type=int, default=d.eval_seed)
+    e.add_argument("--eval-lam", type=float, default=d.eval_lam,
+                   help="lambda of the sampler used by the evaluations and pictures (1: DiffFlow's backward SDE)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _threads_arg(p)
     p.set_defaults(func=_cmd_train)
@@ -103,6 +105,7 @@ def _cmd_train(args) -> int:
         lr_decay_every=args.lr_decay_every, ema=args.ema, clip=args.clip, seed=args.seed, shards=shards,
         holdout=args.holdout, eval_every=args.eval_every, eval_samples=args.eval_samples,
         final_samples=args.final_samples, final_ode=args.final_ode, ckpt_every=args.ckpt_every, eval_seed=args.eval_seed,
+        eval_lam=args.eval_lam,
     )
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if summary.get("metrics") is not None:
@@ -183,7 +186,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--n-nll", type=int, default=2000, help="held-out points for the negative ELBO")
     p.add_argument("--n-ode", type=int, default=None,
                    help="held-out points for the ODE log-likelihood (0: skip; default: as in training)")
-    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=None, help="sampler lambda (default: the run's --eval-lam)")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's --eval-seed)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", default=None, help="also write the metrics to this file")
@@ -198,9 +201,10 @@ def _cmd_eval(args) -> int:
     tc = load_checkpoint(args.checkpoint).extra.get("train_config", {})
     n_samples = args.n_samples if args.n_samples is not None else int(tc.get("final_samples", 5000))
     n_ode = args.n_ode if args.n_ode is not None else int(tc.get("final_ode", 500))
+    lam = args.lam if args.lam is not None else float(tc.get("eval_lam", 1.0))
     res = evaluate_checkpoint(
         args.checkpoint, data=args.data, n_samples=n_samples, n_heldout=args.n_heldout, n_nll=args.n_nll,
-        n_ode=n_ode, lam=args.lam, seed=args.seed, use_ema=not args.no_ema, ode=n_ode > 0,
+        n_ode=n_ode, lam=lam, seed=args.seed, use_ema=not args.no_ema, ode=n_ode > 0,
     )
     text = json.dumps(res, indent=2)
     if args.json:

@@ -85,7 +85,7 @@ def samples_vs_data(samples, data, path, *, title: str = "", support=None, metri
 
 
 @torch.no_grad()
-def trajectory_figure(model, data_model_space, path, *, seed: int = 0, columns: int = 6) -> Path:
+def trajectory_figure(model, data_model_space, path, *, seed: int = 0, columns: int = 6, lam: float = 1.0) -> Path:
     """Top row: forward SDE from data (t_0) to noise (t_N); bottom row: backward SDE from noise to data.
 
     Drawn in model (standardised) units, first two dimensions.
@@ -94,7 +94,7 @@ def trajectory_figure(model, data_model_space, path, *, seed: int = 0, columns: 
     dtype = next(model.parameters()).dtype
     x0 = torch.as_tensor(np.asarray(data_model_space), dtype=dtype)
     fwd = model.forward_trajectory(x0, generator=torch.Generator().manual_seed(seed + 11))
-    _, bwd = model.sample(len(x0), generator=torch.Generator().manual_seed(seed + 12), return_trajectory=True)
+    _, bwd = model.sample(len(x0), lam=lam, generator=torch.Generator().manual_seed(seed + 12), return_trajectory=True)
     N = fwd.shape[0] - 1
     idx = sorted(set(np.linspace(0, N, columns).round().astype(int).tolist()))
     t = model.timestamps.numpy()

@@ -81,6 +81,7 @@ class TrainConfig:
     eval_samples: int = 2000
     final_samples: int = 5000
     final_ode: int = 500
+    eval_lam: float = 1.0
     ckpt_every: int = 0
     eval_seed: int = 1234
 
@@ -104,6 +105,8 @@ class TrainConfig:
             errs.append(f"clip must be >= 0 (0 disables), got {self.clip}")
         if not self.diffusion > 0:
             errs.append(f"diffusion (g) must be > 0, got {self.diffusion}")
+        if not self.eval_lam >= 0:
+            errs.append(f"eval_lam must be >= 0, got {self.eval_lam}")
         if not 0 <= self.holdout < 1:
             errs.append(f"holdout must be in [0, 1), got {self.holdout}")
         if self.grid not in ("fixed", "flexible"):
@@ -352,7 +355,7 @@ def train(
             raise CheckpointError(f"{ck.path}: not a training checkpoint (no training config)")
         stored = TrainConfig.from_dict(ck.extra["train_config"])
         # training-defining options come from the checkpoint; only length / output / reporting may change
-        keep = {"iters", "out", "eval_every", "ckpt_every", "eval_samples", "final_samples", "final_ode"}
+        keep = {"iters", "out", "eval_every", "ckpt_every", "eval_samples", "final_samples", "final_ode", "eval_lam"}
         cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in keep})
         resume = str(ck.path)
     shards = cfg.shards
@@ -468,7 +471,8 @@ def train(
                 from .metrics import evaluate_model
 
                 m = evaluate_model(eval_model(), data.standardizer, data.heldout(2000), dataset=data.toy,
-                                   n_samples=cfg.eval_samples, n_nll=1000, ode=False, seed=cfg.eval_seed)
+                                   n_samples=cfg.eval_samples, n_nll=1000, ode=False, seed=cfg.eval_seed,
+                                   lam=cfg.eval_lam)
                 keys = ("nelbo_nats", "sliced_wasserstein", "fraction_in_support")
                 bar.write(f"step {step}: loss {_fmt(loss_ema)} " + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m))
                 with open(log_path, "a") as fh:
@@ -494,7 +498,7 @@ def train(
 
         t0 = time.perf_counter()
         metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
-                                               ode=cfg.final_ode > 0, return_samples=True)
+                                               ode=cfg.final_ode > 0, lam=cfg.eval_lam, return_samples=True)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
         atomic_write_text(out / "metrics.json", json.dumps({**metrics, "training": summary}, indent=2) + "\n")
         np.save(out / "samples.npy", samples)
@@ -508,7 +512,7 @@ def train(
                                      title=f"{Path(data.name).name}: step {step}",
                                      support=data.toy, metrics=metrics)
             plotting.trajectory_figure(ev, data.standardizer.to_model(data.heldout(2000)), out / "trajectories.png",
-                                       seed=cfg.eval_seed)
+                                       seed=cfg.eval_seed, lam=cfg.eval_lam)
             summary["plot_seconds"] = round(time.perf_counter() - t0, 3)
         keys = ("fraction_in_support", "sliced_wasserstein", "nelbo_nats", "ode_nll_nats")
         log(f"done: {step} steps in {train_seconds:.1f}s ({summary['iters_per_second']} it/s); "

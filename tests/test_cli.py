@@ -25,8 +25,19 @@ TINY = ["--iters", "4", "--batch-size", "64", "--hidden", "8", "--depth", "1", "
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "checkerboard", "--out", str(out), *TINY]) == 0
+    _ok(["train", "checkerboard", "--out", str(out), *TINY])
     return out
+
+
+def _ok(argv):
+    """Run the CLI in-process; on failure show what it printed to stderr."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc == 0, f"diffflow {' '.join(argv)} -> {rc}\n{err.getvalue()[-3000:]}"
 
 
 def test_train_writes_outputs(run_dir):
@@ -46,7 +57,7 @@ def test_train_writes_outputs(run_dir):
 
 def test_eval_recomputes_metrics_json(run_dir, capsys):
     capsys.readouterr()
-    assert main(["eval", str(run_dir)]) == 0
+    _ok(["eval", str(run_dir)])
     res = json.loads(capsys.readouterr().out)
     saved = json.loads((run_dir / "metrics.json").read_text())
     saved.pop("training")
@@ -55,15 +66,15 @@ def test_eval_recomputes_metrics_json(run_dir, capsys):
 
 def test_eval_other_data_and_json(run_dir, tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["eval", str(run_dir / "checkpoint.safetensors"), "--data", "four_rings", "--n-samples", "300",
-                 "--n-ode", "0", "--n-nll", "100", "--json", str(out)]) == 0
+    _ok(["eval", str(run_dir / "checkpoint.safetensors"), "--data", "four_rings", "--n-samples", "300",
+         "--n-ode", "0", "--n-nll", "100", "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["data"] == "four_rings" and "ode_nll_nats" not in res and 0 <= res["fraction_in_support"] <= 1
 
 
 def test_sample_command(run_dir, tmp_path, capsys):
     out = tmp_path / "s.npy"
-    assert main(["sample", str(run_dir), "-n", "123", "--lam", "0.5", "--seed", "7", "--out", str(out)]) == 0
+    _ok(["sample", str(run_dir), "-n", "123", "--lam", "0.5", "--seed", "7", "--out", str(out)])
     x = np.load(out)
     assert x.shape == (123, 2) and np.isfinite(x).all()
     assert out.with_suffix(".png").is_file()
@@ -71,8 +82,8 @@ def test_sample_command(run_dir, tmp_path, capsys):
     assert info["n"] == 123 and "fraction_in_support" in info
     # deterministic in the seed
     out2 = tmp_path / "s2.npy"
-    assert main(["sample", str(run_dir), "-n", "123", "--lam", "0.5", "--seed", "7", "--out", str(out2),
-                 "--png", "none"]) == 0
+    _ok(["sample", str(run_dir), "-n", "123", "--lam", "0.5", "--seed", "7", "--out", str(out2),
+         "--png", "none"])
     np.testing.assert_array_equal(np.load(out2), x)
     assert not out2.with_suffix(".png").exists()
 
@@ -82,13 +93,13 @@ def test_user_npy_trains(tmp_path, capsys):
     f = tmp_path / "mine.npy"
     np.save(f, pts)
     out = tmp_path / "r"
-    assert main(["train", str(f), "--out", str(out), *TINY]) == 0
+    _ok(["train", str(f), "--out", str(out), *TINY])
     m = json.loads((out / "metrics.json").read_text())
     assert m["dim"] == 3 and "fraction_in_support" not in m and np.isfinite(m["nelbo_nats"])
     assert m["n_heldout"] == 30  # 10% held out
     assert np.load(out / "samples.npy").shape == (400, 3)
     capsys.readouterr()
-    assert main(["sample", str(out), "-n", "10", "--out", str(tmp_path / "x.npy")]) == 0
+    _ok(["sample", str(out), "-n", "10", "--out", str(tmp_path / "x.npy")])
     assert np.load(tmp_path / "x.npy").shape == (10, 3)
 
 
@@ -96,7 +107,7 @@ def test_user_csv_trains(tmp_path):
     pts = np.random.default_rng(1).uniform(-1, 1, size=(200, 2))
     f = tmp_path / "pts.csv"
     np.savetxt(f, pts, delimiter=",", header="x,y", comments="")
-    assert main(["train", str(f), "--out", str(tmp_path / "r"), *TINY, "--final-ode", "0"]) == 0
+    _ok(["train", str(f), "--out", str(tmp_path / "r"), *TINY, "--final-ode", "0"])
 
 
 def test_errors_are_clear(tmp_path, run_dir, capsys):
@@ -120,9 +131,9 @@ def test_resume_via_cli(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["--batch-size", "32", "--hidden", "8", "--depth", "1", "-N", "3", "--eval-every", "0", "--no-progress",
             "--final-ode", "0", "--final-samples", "100"]
-    assert main(["train", "--out", str(out), "--iters", "2", *args]) == 0
-    assert main(["train", "--resume", str(out / "checkpoint.safetensors"), "--iters", "4", "--no-progress",
-                 "--final-ode", "0", "--final-samples", "100"]) == 0
+    _ok(["train", "--out", str(out), "--iters", "2", *args])
+    _ok(["train", "--resume", str(out / "checkpoint.safetensors"), "--iters", "4", "--no-progress",
+         "--final-ode", "0", "--final-samples", "100"])
     assert json.loads((out / "metrics.json").read_text())["step"] == 4
 
 
