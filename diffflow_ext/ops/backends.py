@@ -87,15 +87,20 @@ def _cuda_available() -> tuple[bool, str]:
 
 
 def _triton_available() -> tuple[bool, str]:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton not installed"
+    if not _interpret_mode():
+        dev_ok, dev_why = _cuda_device()
+        if not dev_ok:  # (and triton is not even imported)
+            return False, dev_why + "; set TRITON_INTERPRET=1 to run the Triton kernels on CPU"
     from . import triton_kernels
 
     ok, why = triton_kernels.status()
-    if not ok:
-        return ok, why
-    if _interpret_mode():
-        return True, why + " (TRITON_INTERPRET=1: interpreter on CPU tensors)"
-    dev_ok, dev_why = _cuda_device()
-    return (True, why) if dev_ok else (False, dev_why + "; set TRITON_INTERPRET=1 to run the Triton kernels on CPU")
+    if ok and _interpret_mode():
+        why += " (TRITON_INTERPRET=1: interpreter on CPU tensors)"
+    return ok, why
 
 
 def _op_backend(name: str, namespace: str, devices: tuple[str, ...], available: Callable) -> Backend:
