@@ -364,6 +364,8 @@ def train(
     local_shards = list(range(rank * shards // world, (rank + 1) * shards // world))
     shard_size = cfg.batch_size // shards
 
+    # validate the data before anything is created on disk
+    data = DataSource.from_state(ck.extra["data"]) if ck else DataSource.build(cfg.data, seed=cfg.seed, holdout=cfg.holdout)
     out = _bcast(str(_pick_out_dir(cfg, resume, overwrite)) if is_main else None, world)
     out = Path(out)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -371,7 +373,6 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
 
     dtype = _DTYPES[cfg.dtype]
-    data = DataSource.from_state(ck.extra["data"]) if ck else DataSource.build(cfg.data, seed=cfg.seed, holdout=cfg.holdout)
 
     torch.manual_seed(cfg.seed)
     model = DiffFlow.mlp(

@@ -114,8 +114,9 @@ def test_errors_are_clear(tmp_path, run_dir, capsys):
     assert main(["train", "checkers", "--out", str(tmp_path / "a"), *TINY]) == 1
     err = capsys.readouterr().err
     assert "unknown dataset 'checkers'" in err and "checkerboard" in err and "Traceback" not in err
-    assert main(["train", str(tmp_path / "nope.npy"), *TINY]) == 1
+    assert main(["train", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "n"), *TINY]) == 1
     assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()  # nothing created for a failed start
     # an existing run is not overwritten silently
     assert main(["train", "--out", str(run_dir), *TINY]) == 1
     assert "--resume" in capsys.readouterr().err
