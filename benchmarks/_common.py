@@ -171,7 +171,9 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
     whose Python object lives exactly as long as the C++ storage). This counts what the program *holds*,
     independent of the allocator's caching -- the CPU analogue of ``torch.cuda.max_memory_allocated``
     minus the memory allocated before the measured region. Storages that existed before entering the mode
-    (parameters, inputs) are not counted; ``.grad`` buffers created inside are.
+    (parameters, inputs) are not counted, nor are outputs aliasing an input (views of a parameter such as the
+    transposed weights a linear layer saves for backward, in-place results); ``.grad`` buffers created inside
+    are.
     """
 
     def __init__(self):
@@ -186,12 +188,15 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # outputs that alias an input (views such as ``aten.t`` of a weight, in-place ops) hold no new memory
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
                 n = st.nbytes()
                 key = st.data_ptr()
-                if n == 0 or key in self._seen:
+                if n == 0 or key in self._seen or key in inputs:
                     continue
                 self._seen[key] = n
                 self.live += n
