@@ -52,8 +52,8 @@ class TrainConfig:
     data: str = "checkerboard"
     out: str | None = None
     # model / SDE
-    num_steps: int = 10
-    progressive: str | None = None  # "START:END[:WARMUP]"
+    num_steps: int = 30
+    progressive: str | None = "10:30:800"  # "START:END[:WARMUP]"; None: fixed num_steps
     grid: str = "fixed"
     diffusion: float = 0.2
     t_start: float = 1e-3
@@ -66,7 +66,7 @@ class TrainConfig:
     backend: str = "auto"
     dtype: str = "float32"
     # optimisation
-    batch_size: int = 512
+    batch_size: int = 1024
     iters: int = 2000
     lr: float = 5e-3
     lr_decay: float = 0.95
@@ -81,7 +81,7 @@ class TrainConfig:
     eval_samples: int = 2000
     final_samples: int = 5000
     final_ode: int = 500
-    eval_lam: float = 1.0
+    eval_lam: float = 0.5
     ckpt_every: int = 0
     eval_seed: int = 1234
 
@@ -117,6 +117,8 @@ class TrainConfig:
             errs.append(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.shards:
             errs.append(f"batch_size ({self.batch_size}) must be divisible by shards ({self.shards})")
+        if isinstance(self.progressive, str) and self.progressive.strip().lower() in ("", "none", "off"):
+            self.progressive = None
         if self.progressive is not None:
             try:
                 parse_progressive(self.progressive)

@@ -16,7 +16,7 @@ from diffflow_ext import DiffFlow
 from diffflow_ext.checkpoint import EMA, CheckpointError, load_checkpoint, save_checkpoint
 from diffflow_ext.train import TrainConfig, train
 
-TINY = dict(data="checkerboard", hidden=16, depth=2, num_steps=4, batch_size=64, lr=1e-2, lr_decay=0.9,
+TINY = dict(data="checkerboard", hidden=16, depth=2, num_steps=4, progressive=None, batch_size=64, lr=1e-2, lr_decay=0.9,
             lr_decay_every=2, ema=0.9, clip=1.0, eval_every=0, seed=3)
 
 

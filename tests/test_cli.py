@@ -53,6 +53,22 @@ def test_train_writes_outputs(run_dir):
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log)
     assert (run_dir / "samples.png").stat().st_size > 5000
+    from diffflow_ext.checkpoint import load_checkpoint
+
+    tc = load_checkpoint(run_dir).extra["train_config"]
+    assert tc["num_steps"] == 3 and tc["progressive"] is None  # -N turns the default progressive schedule off
+
+
+def test_progressive_default_and_override():
+    from diffflow_ext.cli import build_parser
+    from diffflow_ext.train import TrainConfig
+
+    assert TrainConfig().progressive == "10:30:800"
+    assert TrainConfig(progressive="none").progressive is None
+    with pytest.raises(ValueError, match="START:END"):
+        TrainConfig(progressive="30:10")
+    args = build_parser().parse_args(["train", "--progressive", "5:20:300"])
+    assert args.progressive == "5:20:300" and args.num_steps is None
 
 
 def test_eval_recomputes_metrics_json(run_dir, capsys):

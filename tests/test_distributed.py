@@ -108,7 +108,7 @@ def test_torchrun_trainer_equals_single_process(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = TrainConfig(data="checkerboard", out=str(tmp_path / "one"), shards=2, iters=3, dtype="float64", hidden=16,
-                      depth=2, num_steps=4, batch_size=64, grid="flexible", lr=1e-2, ema=0.9, eval_every=0,
+                      depth=2, num_steps=4, progressive=None, batch_size=64, grid="flexible", lr=1e-2, ema=0.9, eval_every=0,
                       final_ode=0, final_samples=200, seed=5)
     train(cfg, progress=False, final_eval=False)
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
