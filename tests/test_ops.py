@@ -378,6 +378,50 @@ def test_direct_op_calls_check_arguments():
 
 
 @needs_cpu_ext
+@needs_cpu_ext
+def test_large_outputs_are_ordinary_tensors(tmp_path):
+    """Outputs of >= 4 MiB come from the CPU kernels' huge-page allocator (with a reuse cache): they must
+    be correct, independent of each other across calls, and behave like any CPU tensor (opcheck,
+    autograd, save/load, resize_, in-place ops)."""
+    B, D = 2, 1 << 19  # 4 MiB per float32 state
+    xs = [torch.randn(B, D) for _ in range(4)]
+    dt, g = torch.full((B,), 1e-3), torch.full((B,), 0.2)
+    want = ops.reference.backward_noise_ref(*xs, dt, g)
+    d1, h1 = ops.backward_noise(*xs, dt, g, backend="cpu")
+    torch.testing.assert_close(d1, want[0])
+    torch.testing.assert_close(h1, want[1], rtol=1e-5, atol=0)  # float32 sums of 2**19 terms
+    keep = d1.clone()
+    del d1, h1  # its mapping goes to the reuse cache
+    d2, _ = ops.backward_noise(*xs, 2 * dt, g, backend="cpu")  # likely the same mapping again
+    torch.testing.assert_close(d2, ops.reference.backward_noise_ref(*xs, 2 * dt, g)[0])
+    d3, _ = ops.backward_noise(*xs, dt, g, backend="cpu")
+    assert d3.data_ptr() != d2.data_ptr()
+    torch.testing.assert_close(d3, keep)
+    torch.save(d3, tmp_path / "d.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "d.pt"), keep)
+    d3.mul_(2).resize_(B, 2 * D)
+    torch.testing.assert_close(d3.view(-1)[: B * D], 2 * keep.view(-1))  # resize_ keeps the flat prefix
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    _, h = ops.backward_noise(*leaves, dt, g, backend="cpu")
+    grads = torch.autograd.grad(h.sum(), leaves)
+    ref_grads = torch.autograd.grad(ops.reference.backward_noise_ref(*leaves, dt, g)[1].sum(), leaves)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.diffflow_ext.em_step, (*xs[:3], dt, g))
+
+
+def test_python_float_scalars_are_shared_and_read_only_views():
+    """A Python-number dt/g becomes an expanded view of a cached 0-d tensor (no per-call allocation)."""
+    x = torch.randn(5, 3)
+    a = ops._checks.per_sample_scalar("dt", 0.25, x)
+    b = ops._checks.per_sample_scalar("dt", 0.25, x)
+    assert a.shape == (5,) and a.stride() == (0,) and a.dtype == torch.float32 and a is b
+    assert ops._checks.per_sample_scalar("dt", 0.25, x.double()).dtype == torch.float64
+    assert torch.signbit(ops._checks.per_sample_scalar("g", -0.0, x, allow_zero=True)).all()
+    torch.testing.assert_close(ops.em_step(x, x, x, 0.25, 0.5, backend="torch"),
+                               ops.em_step(x, x, x, torch.full((5,), 0.25), torch.full((5,), 0.5), backend="torch"))
+
+
 def test_backward_output_mask():
     """Masked-out elementwise gradients are returned empty and the others are unchanged."""
     O = torch.ops.diffflow_ext

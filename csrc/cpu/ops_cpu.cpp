@@ -6,9 +6,23 @@
 // order, so results are deterministic and independent of the number of threads' scheduling.
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#define DIFFFLOW_HUGE_PAGES 1
+#endif
+
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -56,12 +70,170 @@ constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---------------------------------------------------------------------------------------------
+// Large outputs on transparent huge pages, with a bounded reuse cache.
+//
+// A fresh multi-MiB output from the default CPU allocator is a new glibc mmap, and writing it
+// page-faults 4 KiB at a time (a 64 MiB output: 16384 faults, ~20 ms, as much as the kernel's own
+// pass over memory), after the OS has zeroed every page. Outputs of at least kHugeMinBytes are
+// therefore mapped here, 2 MiB-aligned, with madvise(MADV_HUGEPAGE): the first touch (inside the
+// parallel_for that writes them, so on every worker) faults 2 MiB at a time. Freed mappings are kept
+// in a small cache (at most DIFFFLOW_CPU_CACHE_MB, default 512 MiB; 0 = unmap at once) for the next
+// output of the same size -- a training loop asks for the same shapes every step -- so a reused
+// output is neither faulted nor zeroed again. Cached mappings are madvise(MADV_FREE)d: the OS may
+// reclaim them under memory pressure (they then fault in again on reuse), so the cache holds no
+// memory that anything else needs.
+// The tensors are ordinary CPU tensors (resizable storage owned by HugePageAllocator, whose
+// allocate() also serves resize_). Without THP support (or with THP "never") madvise is a no-op
+// and this is a plain anonymous mapping. DIFFFLOW_CPU_HUGE_PAGES=0 turns it off (at::empty).
+#ifdef DIFFFLOW_HUGE_PAGES
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kHugeMinBytes = size_t(4) << 20;
+
+// Layout of one mapping: [header page: mapped length, requested bytes][data, 2 MiB-aligned ...].
+struct MapHeader {
+  size_t map_len;
+  size_t nbytes;
+};
+
+std::atomic<size_t> g_huge_bytes{0};  // bytes of live tensors (for the profiler's memory events)
+
+size_t page_size() {
+  static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+
+size_t env_size(const char* name, size_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  char* end = nullptr;
+  const unsigned long long x = std::strtoull(v, &end, 10);
+  return end != v ? static_cast<size_t>(x) : dflt;
+}
+
+// Freed mappings, oldest first. Never destroyed (tensors may be freed during static destruction).
+struct MapCache {
+  std::mutex mu;
+  std::vector<MapHeader*> maps;
+  size_t bytes = 0;
+  const size_t cap = env_size("DIFFFLOW_CPU_CACHE_MB", 512) << 20;
+};
+MapCache& map_cache() {
+  static auto* c = new MapCache;
+  return *c;
+}
+
+MapHeader* header_of(void* data) { return reinterpret_cast<MapHeader*>(static_cast<char*>(data) - page_size()); }
+void* data_of(MapHeader* h) { return reinterpret_cast<char*>(h) + page_size(); }
+
+void report(void* data, int64_t delta) {
+  const size_t total = delta >= 0 ? g_huge_bytes.fetch_add(delta) + delta : g_huge_bytes.fetch_sub(-delta) + delta;
+  if (c10::memoryProfilingEnabled()) {
+    c10::reportMemoryUsageToProfiler(data, delta, total, total, c10::Device(c10::kCPU));
+  }
+}
+
+void huge_free(void* data) {
+  if (data == nullptr) return;
+  MapHeader* h = header_of(data);
+  report(data, -static_cast<int64_t>(h->nbytes));
+  auto& c = map_cache();
+  if (h->map_len > c.cap) {
+    munmap(h, h->map_len);
+    return;
+  }
+#ifdef MADV_FREE
+  madvise(data, h->map_len - page_size(), MADV_FREE);  // reclaimable; the header page stays
+#endif
+  std::vector<MapHeader*> evict;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.maps.push_back(h);
+    c.bytes += h->map_len;
+    size_t n = 0;
+    while (c.bytes > c.cap) {
+      c.bytes -= c.maps[n]->map_len;
+      evict.push_back(c.maps[n++]);
+    }
+    c.maps.erase(c.maps.begin(), c.maps.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+  for (auto* e : evict) munmap(e, e->map_len);
+}
+
+MapHeader* cached_map(size_t map_len) {
+  auto& c = map_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (size_t i = c.maps.size(); i-- > 0;) {  // newest first: its pages are the most likely still resident
+    MapHeader* h = c.maps[i];
+    if (h->map_len == map_len) {
+      c.maps.erase(c.maps.begin() + static_cast<std::ptrdiff_t>(i));
+      c.bytes -= map_len;
+      return h;
+    }
+  }
+  return nullptr;
+}
+
+struct HugePageAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::Device dev(c10::kCPU);
+    if (nbytes == 0) return {nullptr, nullptr, &huge_free, dev};
+    const size_t pg = page_size();
+    const size_t len = (nbytes + pg - 1) / pg * pg;
+    MapHeader* h = cached_map(pg + len);
+    if (h == nullptr) {
+      const size_t want = pg + len + kHugePage;  // header page + data + alignment slack
+      void* m = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK_WITH(OutOfMemoryError, m != MAP_FAILED, "diffflow_ext: CPU out of memory: failed to map ", nbytes,
+                       " bytes: ", std::strerror(errno));
+      const uintptr_t base = reinterpret_cast<uintptr_t>(m);
+      const uintptr_t data = (base + pg + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
+      const uintptr_t start = data - pg, end = data + len;
+      if (start > base) munmap(m, start - base);
+      if (base + want > end) munmap(reinterpret_cast<void*>(end), base + want - end);
+      madvise(reinterpret_cast<void*>(data), len, MADV_HUGEPAGE);  // best effort (EINVAL without THP)
+      h = reinterpret_cast<MapHeader*>(start);
+      h->map_len = pg + len;
+    }
+    h->nbytes = nbytes;
+    void* data = data_of(h);
+    report(data, static_cast<int64_t>(nbytes));
+    return {data, data, &huge_free, dev};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &huge_free; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DIFFFLOW_CPU_HUGE_PAGES");
+    return v == nullptr || !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
+  }();
+  return on;
+}
+#endif
+
 }  // namespace
 
 struct CpuLauncher {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
+
+  // State-shaped outputs (contiguous): large ones on transparent huge pages (see HugePageAllocator).
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+#ifdef DIFFFLOW_HUGE_PAGES
+    const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+    if (nbytes >= kHugeMinBytes && huge_pages_enabled()) {
+      static HugePageAllocator alloc;
+      return at::detail::empty_generic(sizes, &alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                       c10::typeMetaToScalarType(opts.dtype()), c10::MemoryFormat::Contiguous);
+    }
+#endif
+    return at::empty(sizes, opts);
+  }
 
   template <typename scalar_t, typename Op>
   static void run(const Op& op, int64_t B, int64_t D, const std::array<const scalar_t*, Op::NIN>& in,

@@ -163,6 +163,8 @@ struct CudaLauncher {
     c10::cuda::CUDAGuard guard;
   };
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
+
   template <typename scalar_t, typename Op>
   static void run(const Op& op, int64_t B, int64_t D, const std::array<const scalar_t*, Op::NIN>& in,
                   const std::array<scalar_t*, Op::NOUT>& out, const std::array<at::Tensor, Op::NRED>& red) {

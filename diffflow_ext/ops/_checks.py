@@ -43,12 +43,33 @@ def check_state(name: str, x: object) -> Tensor:
     return x
 
 
+# Python-number dt / g / ... as (B,) tensors, per (value, B, dtype, device): an expanded (stride-0) view of a
+# 0-d tensor, made once and reused instead of allocating a (B,) tensor per call. Read-only by contract (the
+# ops never write their per-sample inputs). Bounded; bypassed while torch.compile traces (no global state in
+# graphs) and for zeros (keeps the sign of -0.0, which compares equal to 0.0).
+_SCALARS: dict = {}
+_SCALARS_MAX = 1024
+
+
+def _scalar_rows(value: float, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if value == 0.0 or torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device).expand(B)
+    key = (value, B, dtype, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device).expand(B)
+    return t
+
+
 def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True, allow_zero: bool = False) -> Tensor:
     """Normalise ``dt`` or ``g`` (Python number, 0-d tensor or ``(B,)`` tensor) to a ``(B,)`` tensor.
 
     The result has the accumulation dtype of ``x`` (float32 for half types) and lives on ``x``'s
     device; tensors keep their autograd history. Python numbers are checked to be positive
     (tensors are not inspected, which would force a device sync); ``allow_zero`` admits 0.
+    A Python number becomes a cached expanded (stride-0, read-only) view of a 0-d tensor.
     """
     B = x.shape[0]
     dtype = acc_dtype(x.dtype)
@@ -57,19 +78,22 @@ def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True,
             raise ValueError(f"{name}: expected a floating tensor, got dtype {v.dtype}")
         if v.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of the state), got {v.device}")
-        if v.dim() == 0 or v.shape == (1,):
+        shape = v.shape
+        n = len(shape)
+        if n == 1 and shape[0] == B:  # the common case: already per-sample
+            return v if v.dtype is dtype else v.to(dtype)
+        if n == 0 or (n == 1 and shape[0] == 1):
             return v.reshape(()).to(dtype).expand(B)
-        if v.shape == (B,):
-            return v.to(dtype)
         raise ValueError(
             f"{name}: expected a Python float, a 0-d tensor or a tensor of shape ({B},) (one value per sample), "
             f"got shape {tuple(v.shape)}"
         )
-    if isinstance(v, numbers.Real) and not isinstance(v, bool):
-        if positive and not (float(v) > 0.0 or (allow_zero and float(v) == 0.0)):
+    if type(v) is float or (isinstance(v, numbers.Real) and not isinstance(v, bool)):
+        fv = float(v)
+        if positive and not (fv > 0.0 or (allow_zero and fv == 0.0)):
             kind = "a number >= 0" if allow_zero else "a positive number"
             raise ValueError(f"{name}: expected {kind}, got {v}")
-        return torch.full((B,), float(v), dtype=dtype, device=x.device)
+        return _scalar_rows(fv, B, dtype, x.device)
     raise TypeError(
         f"{name}: expected a Python float, a 0-d tensor or a (B,) tensor, got {type(v).__name__}"
     )

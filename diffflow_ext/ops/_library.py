@@ -150,8 +150,13 @@ def _g(wanted: bool, t: Tensor):
 
 
 def _make_autograd(namespace: str) -> dict:
-    def bwd_op(name):
-        return getattr(op_namespace(namespace), name).default
+    bwd_ops: dict = {}
+
+    def bwd_op(name):  # looked up on first use (the namespace is defined after this runs), then cached
+        op = bwd_ops.get(name)
+        if op is None:
+            op = bwd_ops[name] = getattr(op_namespace(namespace), name).default
+        return op
 
     # em_step(x, drift, noise, dt, g) -> out
     def em_setup(ctx, inputs, output):

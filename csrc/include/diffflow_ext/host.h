@@ -8,6 +8,7 @@
 //
 // Launcher interface:
 //   struct Guard { explicit Guard(const at::Tensor&); };     // device guard
+//   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions&);  // state-shaped outputs
 //   template <typename scalar_t, typename Op>
 //   static void run(const Op&, int64_t B, int64_t D,
 //                   const std::array<const scalar_t*, Op::NIN>& in,    // null = read as zeros
@@ -91,9 +92,16 @@ inline Tensor row_out(const Tensor& x, bool wanted = true) {
   return at::empty({wanted ? x.size(0) : 0}, x.options().dtype(acc_dtype(x.scalar_type())));
 }
 
+// A state-shaped output (contiguous), allocated by the launcher (the CPU one backs large outputs with
+// transparent huge pages).
+template <typename L>
+inline Tensor state_out(const Tensor& x) {
+  return L::empty(x.sizes(), x.options());
+}
 // An elementwise gradient output: the state's shape when wanted, else an empty (0,) tensor (not written).
+template <typename L>
 inline Tensor grad_out_like(const Tensor& x, bool wanted) {
-  return wanted ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  return wanted ? state_out<L>(x) : at::empty({0}, x.options());
 }
 template <typename T>
 inline T* optr(const Tensor& t, bool wanted) {
@@ -114,7 +122,7 @@ struct Ops {
     typename L::Guard guard(x);
     const int64_t B = x.size(0), D = x.numel() / B;
     auto xc = flat(x, B, D), fc = flat(drift, B, D), nc = flat(noise, B, D);
-    auto out = at::empty(x.sizes(), x.options());
+    auto out = state_out<L>(x);
     DIFFFLOW_DISPATCH(x.scalar_type(), "diffflow_ext::em_step", [&] {
       using A = at::opmath_type<scalar_t>;
       math::EmStepFwd<A> op{rowp<A>(dt), rowp<A>(g)};
@@ -140,7 +148,7 @@ struct Ops {
     auto go = flat(grad_out, B, D);
     auto fc = dt_g_grad ? flat(drift, B, D) : Tensor();
     auto nc = dt_g_grad ? flat(noise, B, D) : Tensor();
-    auto g_drift = grad_out_like(grad_out, mask[0]), g_noise = grad_out_like(grad_out, mask[1]);
+    auto g_drift = grad_out_like<L>(grad_out, mask[0]), g_noise = grad_out_like<L>(grad_out, mask[1]);
     auto g_dt = row_out(grad_out, dt_g_grad), g_g = row_out(grad_out, dt_g_grad);
     DIFFFLOW_DISPATCH(grad_out.scalar_type(), "diffflow_ext::em_step_backward", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -163,7 +171,7 @@ struct Ops {
     typename L::Guard guard(x_prev);
     const int64_t B = x_prev.size(0), D = x_prev.numel() / B;
     auto xp = flat(x_prev, B, D), xn = flat(x_next, B, D), fc = flat(drift_next, B, D), sc = flat(score_next, B, D);
-    auto delta = at::empty(x_prev.sizes(), x_prev.options());
+    auto delta = state_out<L>(x_prev);
     auto hs = row_out(x_prev);
     DIFFFLOW_DISPATCH(x_prev.scalar_type(), "diffflow_ext::backward_noise", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -195,7 +203,7 @@ struct Ops {
     auto sc = dt_g_grad ? flat(score_next, B, D) : Tensor();
     const Tensor gh = present(grad_half_sqnorm) ? *grad_half_sqnorm : Tensor();
     std::array<Tensor, 4> o;
-    for (int i = 0; i < 4; ++i) o[i] = grad_out_like(delta, mask[i]);
+    for (int i = 0; i < 4; ++i) o[i] = grad_out_like<L>(delta, mask[i]);
     auto g_dt = row_out(delta, dt_g_grad), g_g = row_out(delta, dt_g_grad);
     DIFFFLOW_DISPATCH(delta.scalar_type(), "diffflow_ext::backward_noise_backward", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -224,7 +232,7 @@ struct Ops {
     const int64_t B = x.size(0), D = x.numel() / B;
     auto xp = flat(x_prev, B, D), xc = flat(x, B, D), fc = flat(drift, B, D), sc = flat(score, B, D),
          nc = flat(noise, B, D);
-    auto x_next = at::empty(x.sizes(), x.options());
+    auto x_next = state_out<L>(x);
     auto hs = row_out(x);
     DIFFFLOW_DISPATCH(x.scalar_type(), "diffflow_ext::flow_step", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -264,7 +272,7 @@ struct Ops {
     auto nc = (dt_g_grad && has_go) ? flat(noise, B, D) : Tensor();
     const Tensor gh = has_gh ? *grad_half_sqnorm : Tensor();
     std::array<Tensor, 5> o;
-    for (int i = 0; i < 5; ++i) o[i] = grad_out_like(x, mask[i]);
+    for (int i = 0; i < 5; ++i) o[i] = grad_out_like<L>(x, mask[i]);
     auto g_dtp = row_out(x, dt_g_grad), g_dt = row_out(x, dt_g_grad), g_g = row_out(x, dt_g_grad);
     DIFFFLOW_DISPATCH(x.scalar_type(), "diffflow_ext::flow_step_backward", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -300,7 +308,7 @@ struct Ops {
     auto xp = flat(x_prev, B, D), xc = flat(x, B, D), fc = flat(drift, B, D), sc = flat(score, B, D),
          an = flat(adj_next, B, D), ad = flat(adj_direct, B, D);
     std::array<Tensor, 4> o;
-    for (auto& t : o) t = at::empty(x.sizes(), x.options());
+    for (auto& t : o) t = state_out<L>(x);
     DIFFFLOW_DISPATCH(x.scalar_type(), "diffflow_ext::adjoint_step", [&] {
       using A = at::opmath_type<scalar_t>;
       math::AdjointStep<A> op{rowp<A>(weight), rowp<A>(dt_prev), rowp<A>(dt), rowp<A>(g)};
