@@ -322,3 +322,10 @@ def fmt_table(headers: list[str], rows: list[list[object]]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def add_cpu_args(ap) -> None:
+    """``--threads`` and ``--clock``, shared by the benchmark scripts."""
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                    help="wall (default) or cpu = process CPU time, for shared machines with --threads 1")

@@ -183,9 +183,7 @@ def main(argv=None) -> int:
                     help="ops that get the torch.compile baseline (default: all on cpu; backward_noise on cuda, "
                          "where every fresh Triton compile costs seconds of a short GPU lease)")
     ap.add_argument("--quick", action="store_true", help="few repeats, short blocks: a smoke run")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--clock", default="wall", choices=list(C.CLOCKS),
-                    help="wall (default) or cpu = process CPU time, for shared machines with --threads 1")
+    C.add_cpu_args(ap)
     args = ap.parse_args(argv)
 
     device = C.pick_device(args.device)

@@ -180,9 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the original-vs-adjoint gradient check")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adjoint iteration")
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--clock", default="wall", choices=list(C.CLOCKS),
-                    help="wall (default) or cpu = process CPU time, for shared machines with --threads 1")
+    C.add_cpu_args(ap)
     args = ap.parse_args(argv)
 
     device = C.pick_device(args.device)
