@@ -404,11 +404,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {p}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e}") from None
-    if blob[:1] == b"\x80" or blob[:2] == b"PK" or p.suffix in (".pt", ".pth", ".pkl", ".pickle"):
+    # A safetensors file starts with the little-endian length of its JSON header, then "{". Only a file that
+    # does not look like that is sniffed for pickle / zip (torch.save) signatures: the first length byte of a
+    # valid checkpoint can itself be 0x80, the pickle protocol marker.
+    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else None
+    safetensors_like = n is not None and n < 100_000_000 and blob[8:9] == b"{"
+    if not safetensors_like and (
+        blob[:1] == b"\x80" or blob[:2] == b"PK" or p.suffix in (".pt", ".pth", ".pkl", ".pickle")
+    ):
         raise CheckpointError(f"{p}: refusing to load: {_PICKLE_HINT}")
-    if len(blob) < 8:
+    if n is None:
         raise CheckpointError(f"{p}: checkpoint is truncated or empty ({len(blob)} bytes)")
-    (n,) = struct.unpack("<Q", blob[:8])
     if n > len(blob) - 8:
         raise CheckpointError(
             f"{p}: checkpoint is truncated (header says {n} header bytes, file has {len(blob)} bytes)"

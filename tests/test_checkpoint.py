@@ -149,3 +149,18 @@ def test_resume_refuses_non_training_checkpoint(tmp_path):
     p, _, _ = _tiny_state(tmp_path)
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         train(TrainConfig(**TINY, iters=1, out=str(tmp_path / "x")), resume=str(p), progress=False)
+
+
+def test_safetensors_header_length_starting_with_pickle_marker_is_not_mistaken_for_pickle(tmp_path):
+    """A safetensors file whose header length has 0x80 (pickle's protocol marker) as first byte is read as
+    safetensors (it was once refused as a pickle, depending on the metadata's length)."""
+    from safetensors.torch import save_file
+
+    f = tmp_path / "checkpoint.safetensors"
+    for pad in range(256):
+        save_file({"x": torch.zeros(2)}, str(f), metadata={"format": "other", "pad": "a" * pad})
+        if f.read_bytes()[:1] == b"\x80":
+            break
+    assert f.read_bytes()[:1] == b"\x80"
+    with pytest.raises(CheckpointError, match="not a diffflow_ext checkpoint"):
+        load_checkpoint(f)
