@@ -79,27 +79,8 @@ def time_fn(
     ``iqr_s`` use the clock chosen by :func:`setup_cpu` (wall by default). ``max_total_s`` caps the timed part:
     slow calls get fewer blocks, never fewer than ``min_repeats``.
     """
-    use_cpu = _CLOCK["name"] == "cpu"
-    for _ in range(max(1, warmup)):
-        fn()
-    sync(device)
-    # one timed call to size the blocks
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    one = max(time.process_time() - c0 if use_cpu else time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_block_s / one))
-    reps = max(min_repeats, min(repeats, int(max_total_s / (one * inner))))
-    wall, cpu = [], []
-    for _ in range(reps):
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        wall.append((time.perf_counter() - t0) / inner)
-        cpu.append((time.process_time() - c0) / inner)
-    return _stats(wall, cpu, inner)
+    return time_interleaved({"fn": fn}, device, repeats=repeats, warmup=warmup, min_block_s=min_block_s,
+                            max_total_s=max_total_s, min_repeats=min_repeats)["fn"]
 
 
 def _stats(wall: list[float], cpu: list[float], inner: int) -> dict:
@@ -329,3 +310,11 @@ def add_cpu_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--clock", default="wall", choices=list(CLOCKS),
                     help="wall (default) or cpu = process CPU time, for shared machines with --threads 1")
+
+
+def finish(args, meta: dict, records: list, t_start: float) -> int:
+    """Common script epilogue: total wall time on stdout, JSON (``--json``) written."""
+    meta["wall_s"] = time.perf_counter() - t_start
+    print(f"\n# total wall time {meta['wall_s']:.0f} s")
+    write_json(args.json, meta, records)
+    return 0

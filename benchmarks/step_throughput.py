@@ -273,10 +273,7 @@ def main(argv=None) -> int:
         print(f"\n## {size}: B={B} D={D} ({B * D:,} elements, {args.dtype}, {device})")
         print(C.fmt_table(["op", "mode", "impl", "median_us", "GB/s", "copy_GB/s", "%copy", "vs_eager",
                            "vs_compile"], rows))
-    meta["wall_s"] = time.perf_counter() - t_start
-    print(f"\n# total wall time {meta['wall_s']:.0f} s")
-    C.write_json(args.json, meta, records)
-    return 0
+    return C.finish(args, meta, records, t_start)
 
 
 if __name__ == "__main__":

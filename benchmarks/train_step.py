@@ -311,10 +311,7 @@ def main(argv=None) -> int:
                       f"{'met' if summ['growth_met'] else 'MISSED'}); adjoint / autograd peak at N={hi}: "
                       f"{vs_ag:.3f} (target <= {TARGET_MEM_VS_AUTOGRAD}: {'met' if summ['vs_autograd_met'] else 'MISSED'})")
 
-    meta["wall_s"] = time.perf_counter() - t_start
-    print(f"\n# total wall time {meta['wall_s']:.0f} s")
-    C.write_json(args.json, meta, records)
-    return 0
+    return C.finish(args, meta, records, t_start)
 
 
 if __name__ == "__main__":
