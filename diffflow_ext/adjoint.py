@@ -108,6 +108,8 @@ class _AdjointLoss(torch.autograd.Function):
 
         def pull_back(outputs, cotangents, x, group, retain):
             """VJP of one network's outputs at ``x``; accumulates its parameter grads, returns d/dx."""
+            if not outputs.requires_grad:  # a fixed network whose output has no graph: nothing to pull back
+                return None
             got = torch.autograd.grad(outputs, (x, *(params[k] for k in group)), cotangents, allow_unused=True,
                                       retain_graph=retain)
             for k, gk in zip(group, got[1:]):
