@@ -1,0 +1,107 @@
+"""Built-in data sources for points: the procedural 2-D toys and users' point files; path dispatch.
+
+Image sources live in :mod:`.images`, tabular sets in :mod:`.tabular`; importing this module registers all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import toy2d
+from .base import _ALIASES, DataSource, DataSourceError, Standardize, register_data_source
+from .files import DataFileError, load_points
+
+__all__ = ["ToySource", "points_source", "source_from_path"]
+
+
+class ToySource(DataSource):
+    """A procedural 2-D toy: a streaming sampler, standardised by the statistics of 100k seeded points."""
+
+    def __init__(self, toy: toy2d.Toy2D, *, seed: int = 0):
+        self.toy = toy
+        fit = toy.sample_numpy(100_000, np.random.default_rng([int(seed), 1]))
+        super().__init__(toy.name, kind="points", shape=(2,), transform=Standardize.fit(fit),
+                         support=toy if toy.sharp else None, spec={"name": toy.name, "options": {"seed": int(seed)}},
+                         info={"sharp": bool(toy.sharp)})
+
+    def _draw(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(self.toy.sample_numpy(int(n), rng))
+
+
+def _register_toy(name: str) -> None:
+    toy = toy2d.DATASETS[name]
+
+    @register_data_source(name, kind="points", help=toy.description)
+    def _factory(*, data_dir=None, seed: int = 0) -> DataSource:
+        return ToySource(toy, seed=seed)
+
+
+for _n in toy2d.DATASETS:
+    _register_toy(_n)
+for _a, _t in getattr(toy2d, "_ALIASES", {}).items():
+    _ALIASES.setdefault(_a, _t)
+
+
+def points_source(points, name: str, *, seed: int = 0, holdout: float = 0.1, kind: str = "points") -> DataSource:
+    """A finite set of ``(n, d)`` points split at random (seeded) into train / test (``holdout`` share).
+
+    With ``holdout=0`` the test split *is* the training set (``info["test_is_train"]``).
+    """
+    pts = torch.as_tensor(np.asarray(points, dtype=np.float64))
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise DataSourceError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
+    n = len(pts)
+    n_hold = max(1, int(round(holdout * n))) if holdout > 0 else 0
+    if n - n_hold < 2:
+        raise DataSourceError(f"{name}: only {n} points, too few to train with holdout={holdout}")
+    perm = torch.from_numpy(np.random.default_rng([int(seed), 3]).permutation(n))
+    train = pts[perm[n_hold:]]
+    test = pts[perm[:n_hold]] if n_hold else train
+    return DataSource(name, kind=kind, shape=(pts.shape[1],), transform=Standardize.fit(train),
+                      splits={"train": train, "test": test},
+                      info={"test_is_train": n_hold == 0, "holdout": float(holdout)})
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            shape, _, dtype = np.lib.format._read_array_header(fh, version)  # header only, no data read
+        return tuple(shape), np.dtype(dtype)
+    except Exception:  # noqa: BLE001 -- let the real loader produce the precise error
+        return None
+
+
+def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> DataSource:
+    """A source for a file or folder: points (``.csv``/``.txt``/``.npy`` of ``(n, d)``), images (``.npz``,
+    ``.npy`` of ``uint8`` with 3 or 4 axes, or a folder of PNG files)."""
+    from .images import array_image_source, png_folder_source
+
+    p = Path(path)
+    if not p.exists():
+        raise DataSourceError(f"data file not found: {p}")
+    if p.is_dir():
+        return png_folder_source(p, seed=seed, **options)
+    ext = p.suffix.lower()
+    if ext == ".npz":
+        return array_image_source(p, seed=seed, **options)
+    if ext == ".npy":
+        head = _npy_header(p)
+        if head is not None and len(head[0]) >= 3:
+            return array_image_source(p, seed=seed, **options)
+    unknown = set(options) - {"holdout"}
+    if unknown:
+        raise DataSourceError(f"{p.name}: options {sorted(unknown)} do not apply to a point file (only holdout)")
+    try:
+        pts = load_points(p, dtype=torch.float64)
+    except DataFileError as e:
+        raise DataSourceError(str(e)) from None
+    return points_source(pts, str(p.resolve()), seed=seed, holdout=options.get("holdout", 0.1))
+
+
+from . import images as _images  # noqa: E402,F401  (registers the image sources)
+from . import tabular as _tabular  # noqa: E402,F401  (registers the tabular sets)
