@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _train_parser(sub) -> None:
-    from .train import TrainConfig
+    from .training.config import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a DiffFlow model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -98,7 +98,7 @@ def _set_threads(args) -> None:
 def _cmd_train(args) -> int:
     import os
 
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shards = args.shards if args.shards is not None else world
@@ -144,7 +144,7 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .train import DataSource
+    from .training.data import DataSource
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
@@ -156,7 +156,7 @@ def _cmd_sample(args) -> int:
     z = z.double().numpy().reshape(args.n, -1)
     data = ck.extra.get("data")
     if data is not None:
-        from .train import Standardizer
+        from .training.data import Standardizer
 
         x = Standardizer(data["mean"], data["std"]).to_data(z)
     else:

@@ -153,7 +153,8 @@ def evaluate_checkpoint(
     run's evaluation seed).
     """
     from .checkpoint import load_checkpoint
-    from .train import DataSource, TrainConfig
+    from .training.config import TrainConfig
+    from .training.data import DataSource
 
     ck = load_checkpoint(path)
     extra = ck.extra

@@ -1,0 +1,435 @@
+"""The training loop: state construction, one optimisation step (:func:`train_step`), and :func:`train`.
+
+Determinism and resume: every random draw of training comes from state that is checkpointed -- the data
+stream (a numpy ``Generator``), one ``torch.Generator`` per *shard* for the SDE noise and the flexible
+grid, and the global torch / numpy / python RNGs. Hence ``k + m`` steps in one go equal ``k`` steps, then
+``m`` more after ``--resume`` (bitwise on CPU), also when the first part ended with Ctrl-C: the first
+Ctrl-C lets the current step finish and saves the state as of that completed step (a second Ctrl-C
+aborts at once without saving). ``torchrun --nproc_per_node=2 ... --shards 2`` equals one process with
+``--shards 2`` (up to the float rounding of the gradient all-reduce).
+
+Non-finite loss or gradients stop training with a one-line :class:`NonFiniteError` before the optimizer
+step; the last good checkpoint is kept (a checkpoint with non-finite weights is never written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import DTYPES, PRECISIONS, TrainConfig
+from .data import DataSource
+from .distributed import DistContext, local_shards, setup
+from .ema import EMA
+from .run import CHECKPOINT_NAME, RunFolder, choose_out_dir
+
+__all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "RESUMABLE_OPTIONS"]
+
+#: options that may differ from the checkpoint's on ``--resume`` (length, output, reporting, device)
+RESUMABLE_OPTIONS = ("iters", "out", "eval_every", "ckpt_every", "eval_samples", "final_samples", "final_ode",
+                     "eval_lam", "device", "tensorboard", "log_every")
+
+
+#: fp16: this many consecutive overflowing (skipped) steps stop training
+MAX_SKIPPED_STEPS = 25
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the message says where and what to change."""
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float | None
+    num_steps: int
+    skipped: bool = False  # fp16: the grad scaler skipped this step (overflow)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (all of it is checkpointed)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: EMA | None
+    data_rng: np.random.Generator
+    noise: dict[str, torch.Generator]
+    scaler: Any = None
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def build_model(cfg: TrainConfig, dim: int, device: torch.device):
+    from ..model import DiffFlow
+
+    torch.manual_seed(cfg.seed)
+    kwargs: dict[str, Any] = dict(
+        hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim, num_steps=cfg.max_steps(), t_start=cfg.t_start,
+        t_end=cfg.t_end, time_exponent=cfg.time_exponent, diffusion=cfg.diffusion, gradient=cfg.gradient,
+        backend=cfg.backend, grid=cfg.grid,
+    )
+    if cfg.precision != "fp32":
+        kwargs["autocast_dtype"] = PRECISIONS[cfg.precision]
+    if cfg.memory_budget is not None:
+        kwargs["memory_budget"] = cfg.memory_budget
+    try:
+        model = DiffFlow.mlp(dim, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"this model does not support the requested options ({e})") from None
+    return model.to(device=device, dtype=DTYPES[cfg.dtype])
+
+
+def noise_generators(cfg: TrainConfig, shards: list[int], device: torch.device) -> dict[str, torch.Generator]:
+    """One generator per shard ``k``, seeded from ``(seed, k)`` only (independent of the process count)."""
+    return {f"noise{k}": torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * (k + 1))
+            for k in shards}
+
+
+def build_state(cfg: TrainConfig, data: DataSource, ctx: DistContext, shards: list[int]) -> TrainState:
+    model = build_model(cfg, data.dim, ctx.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step_size = max(1, cfg.lr_decay_every) if cfg.lr_decay_every else 10**12
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=cfg.lr_decay)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None
+    return TrainState(model=model, optimizer=opt, scheduler=sched, ema=ema,
+                      data_rng=np.random.default_rng([cfg.seed, 0]), noise=noise_generators(cfg, shards, ctx.device),
+                      scaler=scaler)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def train_step(state: TrainState, net: torch.nn.Module, x: torch.Tensor, *, shards: list[int], total_shards: int,
+               world: int, num_steps: int, grid: str, clip: float, any_rank: Callable[[bool], bool] = bool
+               ) -> StepStats:
+    """One optimisation step on the local part ``x`` of the global batch (``len(shards)`` equal shards).
+
+    Raises :class:`NonFiniteError` (before touching the weights) on a non-finite loss or gradient norm;
+    with an fp16 grad scaler an overflowing step is skipped instead (``StepStats.skipped``).
+    """
+    model, opt, scaler = state.model, state.optimizer, state.scaler
+    size = x.shape[0] // len(shards)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for j, k in enumerate(shards):
+        xs = x[j * size:(j + 1) * size]
+        sync = j == len(shards) - 1
+        ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+        with ctx:
+            lk = net(xs, state.noise[f"noise{k}"], num_steps=num_steps, grid=grid)
+            scaled = lk * (world / total_shards)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += float(lk.detach())
+    loss = total / len(shards)
+    if any_rank(not math.isfinite(loss)):
+        raise NonFiniteError(f"non-finite loss ({loss})")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(opt)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    if not math.isfinite(gnorm):
+        if scaler is None:
+            raise NonFiniteError(f"non-finite gradient norm ({gnorm})")
+        scaler.step(opt)  # skips the update, lowers the scale
+        scaler.update()
+        state.scheduler.step()
+        state.step += 1
+        return StepStats(loss, gnorm, num_steps, skipped=True)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update(model)
+    state.step += 1
+    return StepStats(loss, gnorm, num_steps)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+class _StopRequest:
+    """First SIGINT: finish the current step, then stop; second SIGINT: ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> bool:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _is_finite_model(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    final_eval: bool = True,
+    pictures: bool = True,
+) -> dict:
+    """Train; writes ``checkpoint.safetensors``, ``metrics.json``, pictures and ``log.jsonl`` under the
+    output folder. Returns a summary dict (``out``, ``step``, ``metrics``, timings).
+
+    Errors (bad options, data, checkpoint, output folder) are raised before anything is written.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    ck = None
+    if resume:
+        ck = load_checkpoint(resume)
+        if "train_config" not in ck.extra:
+            raise CheckpointError(f"{ck.path}: not a training checkpoint (no training config)")
+        stored = TrainConfig.from_dict(ck.extra["train_config"])
+        # training-defining options come from the checkpoint; only length / output / reporting may change
+        cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RESUMABLE_OPTIONS if hasattr(cfg, k)})
+        resume = str(ck.path)
+        if cfg.iters <= ck.step:
+            raise ValueError(f"--iters {cfg.iters}: the checkpoint is already at step {ck.step}; --iters is the new "
+                             f"total, give more than {ck.step} (or use 'diffflow eval' to evaluate it)")
+    elif cfg.iters < 1:
+        raise ValueError(f"--iters {cfg.iters}: nothing to train; give the number of training iterations (>= 1)")
+    ctx = setup(cfg.device)
+    try:
+        return _train(cfg, ctx, ck, resume=resume, overwrite=overwrite, progress=progress, log=log,
+                      final_eval=final_eval, pictures=pictures)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progress, log, final_eval, pictures) -> dict:
+    from ..model import DiffFlow
+
+    shards = local_shards(cfg.shards, ctx.rank, ctx.world)
+    # validate the data and the output folder before anything is created on disk
+    data = DataSource.from_state(ck.extra["data"]) if ck else DataSource.build(cfg.data, seed=cfg.seed,
+                                                                               holdout=cfg.holdout)
+    inputs = (data.name,) if data.toy is None else ()
+    out = None
+    if ctx.is_main:
+        out_path, continuing = choose_out_dir(cfg.out, data=cfg.data if not ck else data.name, resume=resume,
+                                              overwrite=overwrite, inputs=inputs)
+        out = str(out_path)
+    out = Path(ctx.broadcast(out))
+    cfg = dataclasses.replace(cfg, out=str(out))
+    state = build_state(cfg, data, ctx, shards)
+    if ck is not None:
+        saved_device = ck.extra.get("device_type", "cpu")
+        if saved_device != ctx.device.type:
+            raise CheckpointError(f"{ck.path}: its noise streams were saved on {saved_device}; resume with "
+                                  f"--device {saved_device} (exact resume needs the same device type)")
+        state.step = ck.restore(model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
+                                ema=state.ema, generators=state.noise, numpy_rngs={"data": state.data_rng})
+        if state.scaler is not None and "grad_scaler" in ck.extra:
+            state.scaler.load_state_dict(ck.extra["grad_scaler"])
+    folder = RunFolder(out, is_main=ctx.is_main)
+    folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists())
+    ckpt_path = folder.file(CHECKPOINT_NAME)
+    have_checkpoint = ck is not None
+    tb = folder.enable_tensorboard() if cfg.tensorboard else False
+
+    net = state.model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(state.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def eval_model() -> DiffFlow:
+        m = DiffFlow.from_config(state.model.config()).to(device=ctx.device, dtype=DTYPES[cfg.dtype])
+        m.load_state_dict(state.model.state_dict())
+        if state.ema is not None:
+            state.ema.copy_to(m)
+        return m.eval()
+
+    def save(path: Path) -> None:
+        gens = ctx.gather_states({k: g.get_state() for k, g in state.noise.items()})
+        if not ctx.is_main:
+            return
+        if not _is_finite_model(state.model):
+            raise NonFiniteError(f"weights became non-finite at step {state.step}; not saving them")
+        extra = {"train_config": cfg.to_dict(), "data": data.state(), "world_size": ctx.world,
+                 "device_type": ctx.device.type}
+        if state.scaler is not None:
+            extra["grad_scaler"] = state.scaler.state_dict()
+        save_checkpoint(path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
+                        ema=state.ema, step=state.step, generators=gens, numpy_rngs={"data": state.data_rng},
+                        extra=extra)
+
+    if ctx.is_main:
+        log(
+            f"diffflow train: data={data.name} dim={data.dim} N={cfg.progressive or cfg.num_steps} grid={cfg.grid} "
+            f"g={cfg.diffusion} net={cfg.depth}x{cfg.hidden} batch={cfg.batch_size} iters={cfg.iters} lr={cfg.lr} "
+            f"device={ctx.device} precision={cfg.precision} gradient={cfg.gradient} processes={ctx.world} "
+            f"shards={cfg.shards} -> {out}" + (f" (resumed at step {state.step})" if ck else "")
+        )
+    from tqdm.auto import tqdm
+
+    schedule = cfg.steps_schedule()
+    dtype = DTYPES[cfg.dtype]
+    start_step = state.step
+    bar = tqdm(total=cfg.iters, initial=min(state.step, cfg.iters), disable=not (progress and ctx.is_main),
+               dynamic_ncols=True, smoothing=0.1, desc="train", file=sys.stderr)
+    t_start = time.perf_counter()
+    loss_ema = None
+    interrupted = False
+    skipped_in_a_row = 0
+    try:
+        with _StopRequest() as stop:
+            while state.step < cfg.iters:
+                if ctx.any(stop.requested):
+                    interrupted = True
+                    break
+                N = schedule(state.step)
+                x = data.standardizer.to_model(data.train_batch(cfg.batch_size, state.data_rng))
+                lo = shards[0] * (cfg.batch_size // cfg.shards)
+                x = torch.from_numpy(x[lo:lo + len(shards) * (cfg.batch_size // cfg.shards)]).to(ctx.device, dtype)
+                try:
+                    st = train_step(state, net, x, shards=shards, total_shards=cfg.shards, world=ctx.world,
+                                    num_steps=N, grid=cfg.grid, clip=cfg.clip, any_rank=ctx.any)
+                except NonFiniteError as e:
+                    where = (f"the last good checkpoint {ckpt_path} is kept" if have_checkpoint
+                             else "no checkpoint was written")
+                    raise NonFiniteError(f"training stopped at step {state.step + 1}: {e}; {where}; try a smaller "
+                                         "--lr, gradient clipping (--clip 1) or --dtype float64") from None
+                skipped_in_a_row = skipped_in_a_row + 1 if st.skipped else 0
+                if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                    raise NonFiniteError(
+                        f"training stopped at step {state.step}: {MAX_SKIPPED_STEPS} fp16 steps in a row overflowed "
+                        "(non-finite gradients); try --precision bf16 or a smaller --lr")
+                step = state.step
+                loss_ema = st.loss if loss_ema is None else 0.95 * loss_ema + 0.05 * st.loss
+                if bar.n < cfg.iters:
+                    bar.update(1)
+                if step % 10 == 0 or step == cfg.iters:
+                    bar.set_postfix(loss=_fmt(loss_ema), N=N, lr=f"{state.scheduler.get_last_lr()[0]:.2e}",
+                                    refresh=False)
+                if ctx.is_main and (step % cfg.log_every == 0 or step == cfg.iters):
+                    rec = {"step": step, "loss": st.loss, "loss_smooth": loss_ema, "N": N,
+                           "lr": state.scheduler.get_last_lr()[0], "grad_norm": st.grad_norm,
+                           "seconds": time.perf_counter() - t_start}
+                    if state.scaler is not None:
+                        rec["grad_scale"] = float(state.scaler.get_scale())
+                    folder.log(rec)
+                    if tb:
+                        folder.scalars(step, rec)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.iters:
+                    save(ckpt_path)
+                    have_checkpoint = True
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters and ctx.is_main:
+                    from ..metrics import evaluate_model
+
+                    m = evaluate_model(eval_model(), data.standardizer, data.heldout(2000), dataset=data.toy,
+                                       n_samples=cfg.eval_samples, n_nll=1000, ode=False, seed=cfg.eval_seed,
+                                       lam=cfg.eval_lam)
+                    keys = ("nelbo_nats", "sliced_wasserstein", "fraction_in_support")
+                    bar.write(f"step {step}: loss {_fmt(loss_ema)} "
+                              + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
+                    folder.log({"step": step, "eval": m})
+                    if tb:
+                        folder.scalars(step, {k: v for k, v in m.items() if isinstance(v, float)}, prefix="eval")
+    except BaseException:
+        bar.close()
+        if not have_checkpoint:
+            folder.discard()
+        folder.close()
+        raise
+    bar.close()
+    if interrupted:
+        if state.step > start_step or have_checkpoint:
+            save(ckpt_path)
+            if ctx.is_main:
+                log(f"interrupted after step {state.step}; checkpoint saved to {ckpt_path} "
+                    f"(continue with --resume {ckpt_path})")
+        else:
+            folder.discard()
+            if ctx.is_main:
+                log("interrupted before the first step; nothing was written")
+        folder.close()
+        raise KeyboardInterrupt
+    train_seconds = time.perf_counter() - t_start
+    steps_run = state.step - start_step
+    save(ckpt_path)
+    summary: dict[str, Any] = {
+        "out": str(out), "checkpoint": str(ckpt_path), "step": state.step, "steps_run": steps_run,
+        "train_seconds": round(train_seconds, 3),
+        "iters_per_second": round(steps_run / train_seconds, 3) if train_seconds > 0 and steps_run else None,
+        "final_loss": loss_ema, "world_size": ctx.world, "device": str(ctx.device), "precision": cfg.precision,
+        "gradient": cfg.gradient,
+    }
+    if ctx.is_main and final_eval:
+        from ..metrics import evaluate_checkpoint
+
+        t0 = time.perf_counter()
+        metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
+                                               ode=cfg.final_ode > 0, lam=cfg.eval_lam, return_samples=True)
+        summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        atomic_write_text(folder.file("metrics.json"), json.dumps({**metrics, "training": summary}, indent=2) + "\n")
+        np.save(folder.file("samples.npy"), samples)
+        summary["metrics"] = metrics
+        if tb:
+            folder.scalars(state.step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix="final")
+        if pictures:
+            from .. import plotting
+
+            t0 = time.perf_counter()
+            ev = eval_model()
+            plotting.samples_vs_data(samples, data.heldout(len(samples)), folder.file("samples.png"),
+                                     title=f"{Path(data.name).name}: step {state.step}",
+                                     support=data.toy, metrics=metrics)
+            plotting.trajectory_figure(ev, data.standardizer.to_model(data.heldout(2000)),
+                                       folder.file("trajectories.png"), seed=cfg.eval_seed, lam=cfg.eval_lam)
+            summary["plot_seconds"] = round(time.perf_counter() - t0, 3)
+        keys = ("fraction_in_support", "sliced_wasserstein", "nelbo_nats", "ode_nll_nats")
+        log(f"done: {state.step} steps in {train_seconds:.1f}s ({summary['iters_per_second']} it/s); "
+            + " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics) + f"; outputs in {out}")
+    folder.close()
+    ctx.barrier()
+    return summary
+
+
