@@ -1,4 +1,4 @@
-"""Default networks: a time-conditioned MLP with sinusoidal time features (the paper's 2-D nets)."""
+"""The time-conditioned MLP of the paper's 2-D experiments (also usable on flattened images)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,20 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalTimeEmbedding", "TimeMLP"]
+from .embeddings import SinusoidalTimeEmbedding
+
+__all__ = ["TimeMLP"]
 
 
-class SinusoidalTimeEmbedding(nn.Module):
-    """``[sin(w_k t), cos(w_k t)]`` with ``dim/2`` frequencies log-spaced in ``[min_freq, max_freq]``.
-
-    The default band suits the paper's time range ``t in [1e-3, 0.05]``.
-    """
-
-    def __init__(self, dim: int = 32, min_freq: float = 1.0, max_freq: float = 2000.0):
-        super().__init__()
-        if dim < 2 or dim % 2:
-            raise ValueError(f"dim: expected an even number >= 2, got {dim}")
-        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, t: Tensor) -> Tensor:
-        arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
-        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    return v
 
 
 class TimeMLP(nn.Module):
-    """``net(x, t)`` for ``x`` of shape ``(B, dim)`` and ``t`` of shape ``(B,)``, returns ``(B, dim)``.
+    """``net(x, t)`` for ``x`` of shape ``(B, dim)`` (or ``(B, *shape)`` with ``prod(shape) == dim``, flattened
+    and restored) and ``t`` of shape ``(B,)``; returns a tensor shaped like ``x``.
 
     ``depth`` hidden layers of width ``hidden`` (SiLU), input ``[x, time features]``. The output layer
     starts at zero, so an untrained drift and score are both zero (the forward process starts as
@@ -39,8 +30,7 @@ class TimeMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, zero_init: bool = True):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            _positive_int(name, v)
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         layers: list[nn.Module] = []
@@ -55,8 +45,14 @@ class TimeMLP(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        shape = x.shape
+        if x.dim() != 2:
+            if x.dim() < 2 or math.prod(shape[1:]) != self.dim:
+                raise ValueError(f"x: expected shape (B, {self.dim}) or (B, *shape) of {self.dim} values, "
+                                 f"got {tuple(shape)}")
+            x = x.reshape(shape[0], self.dim)
         h = torch.cat([x, self.time_embed(t).to(x.dtype)], dim=-1)
-        return self.out(self.body(h))
+        return self.out(self.body(h)).reshape(shape)
 
     def config(self) -> dict:
         return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
