@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .adjoint import Walk, adjoint_loss, forward_walk
-from .networks import TimeMLP
+from .gradients import (
+    CHECKPOINT_SCHEDULES,
+    GRADIENT_MODES,
+    Walk,
+    call_network,
+    check_memory_budget,
+    checkpointed_loss,
+    forward_walk,
+    resolve_memory_budget,
+)
+from .networks import build_network, build_network_from_config
 from .ops.backends import check_backend_name
 from .ops.reference import acc_dtype
 from .schedules import GRIDS, Diffusion, DiffusionSpec, check_num_steps, flexible_grid, polynomial_grid
 
-__all__ = ["DiffFlow", "NLLBound", "GRADIENT_MODES"]
+__all__ = ["DiffFlow", "NLLBound", "GRADIENT_MODES", "AUTOCAST_DTYPES"]
 
-GRADIENT_MODES = ("adjoint", "autograd")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NLLBound(NamedTuple):
@@ -28,15 +37,36 @@ class NLLBound(NamedTuple):
 
 
 def _choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if _real(name, value) <= 0:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
     return float(value)
+
+
+def _autocast_dtype(value: object) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[value]
+    if value in tuple(AUTOCAST_DTYPES.values()):
+        return value  # type: ignore[return-value]
+    raise ValueError(f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {value!r}")
+
+
+def _check_network(name: str, net: object) -> None:
+    if not callable(net):
+        raise TypeError(f"{name}: expected a module called as net(x, t), got {type(net).__name__}")
 
 
 class DiffFlow(nn.Module):
@@ -48,14 +78,28 @@ class DiffFlow(nn.Module):
 
     Args:
         drift, score: modules called as ``net(x, t)`` with ``x`` of shape ``(B, *data_shape)`` and ``t`` of
-            shape ``(B,)``, returning a tensor shaped like ``x``.
+            shape ``(B,)``, returning a tensor shaped like ``x``. A fixed drift (no parameters, or an output
+            without a graph) is fine in every gradient mode.
         data_shape: shape of one sample.
-        num_steps: N, the number of Euler-Maruyama steps.
+        num_steps: N, the number of Euler-Maruyama steps (1 to 100000).
         t_start, t_end, time_exponent: the fixed grid ``linspace(t_start**e, t_end**e, N+1)**(1/e)``.
-        diffusion: g -- a positive float, a sequence of N+1 positive values (one per grid point) or a callable
-            of t.
+        diffusion: g -- a positive float, a sequence of N+1 positive values (one per point of the fixed grid,
+            linearly interpolated in between, e.g. at the points of a flexible grid) or a callable of t
+            (without learnable parameters: a learnable g is refused, see docs/math.md).
         prior_std: standard deviation of the Gaussian prior ``p_B(x_N)``.
-        gradient: ``"adjoint"`` (keep the states, recompute each step backwards) or ``"autograd"``.
+        gradient: how :meth:`loss` is differentiated (see :mod:`diffflow_ext.gradients`): ``"auto"`` (default:
+            keep the networks' graphs for as many states as ``memory_budget`` allows, recompute the rest),
+            ``"adjoint"`` (keep only the states, recompute every network call) or ``"autograd"`` (unroll
+            everything).
+        memory_budget: for ``"auto"``: bytes (an int) that the kept graphs may use beyond the stored states,
+            or a float in (0, 1], a fraction of the memory free at each call (CUDA: free device memory; CPU:
+            available RAM), or None for no limit. Default 0.5.
+        checkpoint_schedule: for ``"auto"``: ``"end"`` (keep the states nearest the noise end; lowest peak) or
+            ``"uniform"`` (kept states evenly spaced).
+        autocast_dtype: None, ``torch.bfloat16`` or ``torch.float16``: run the networks under
+            ``torch.autocast`` in that dtype. With None an enclosing ``torch.autocast`` is honoured for the
+            networks. Either way the network outputs are cast back to the data's dtype: the states ``x_i``,
+            the step ops and the loss never leave it (float32 for float32 data).
         backend: step-op backend, see :func:`diffflow_ext.available_backends`.
         grid: ``"fixed"`` or ``"flexible"`` (interior points redrawn every batch) for training.
     """
@@ -72,50 +116,78 @@ class DiffFlow(nn.Module):
         time_exponent: float = 0.9,
         diffusion: DiffusionSpec = 0.2,
         prior_std: float = 1.0,
-        gradient: str = "adjoint",
+        gradient: str = "auto",
+        memory_budget: int | float | None = 0.5,
+        checkpoint_schedule: str = "end",
+        autocast_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         grid: str = "fixed",
     ):
         super().__init__()
-        for name, net in (("drift", drift), ("score", score)):
-            if not callable(net):
-                raise TypeError(f"{name}: expected a module called as net(x, t), got {type(net).__name__}")
-        if isinstance(data_shape, int):
+        _check_network("drift", drift)
+        _check_network("score", score)
+        if isinstance(data_shape, int) and not isinstance(data_shape, bool):
             data_shape = (data_shape,)
-        data_shape = tuple(data_shape)
+        try:
+            data_shape = tuple(data_shape)
+        except TypeError:
+            raise ValueError(f"data_shape: expected a tuple of positive integers, got {data_shape!r}") from None
         if not data_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in data_shape):
             raise ValueError(f"data_shape: expected a non-empty tuple of positive integers, got {data_shape!r}")
         self.drift, self.score = drift, score
         self.data_shape = data_shape
         self.num_steps = check_num_steps(num_steps)
-        self.t_start, self.t_end = float(t_start), float(t_end)
+        self.t_start, self.t_end = _real("t_start", t_start), _real("t_end", t_end)
         self.time_exponent = _positive("time_exponent", time_exponent)
         polynomial_grid(1, self.t_start, self.t_end, self.time_exponent)  # validates the range
         self.diffusion = Diffusion(diffusion)
         self.diffusion.check_steps(self.num_steps)
         self.prior_std = _positive("prior_std", prior_std)
         self.gradient = _choice("gradient", gradient, GRADIENT_MODES)
+        self.memory_budget = check_memory_budget(memory_budget)
+        self.checkpoint_schedule = _choice("checkpoint_schedule", checkpoint_schedule, CHECKPOINT_SCHEDULES)
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
         self.backend = check_backend_name(backend)
         self.grid = _choice("grid", grid, GRIDS)
-        self._net_config: dict | None = None
+        self.last_gradient_plan: dict | None = None  # what the last "auto"/"adjoint" loss kept and recomputed
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def mlp(cls, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, **kwargs) -> "DiffFlow":
         """DiffFlow on ``dim``-dimensional vectors with the paper's time-conditioned MLPs."""
-        model = cls(TimeMLP(dim, hidden, depth, time_dim), TimeMLP(dim, hidden, depth, time_dim), (dim,), **kwargs)
-        model._net_config = {"dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim}
-        return model
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+        return cls.from_networks("mlp", (dim,), {"hidden": hidden, "depth": depth, "time_dim": time_dim}, **kwargs)
+
+    @classmethod
+    def from_networks(cls, network: str, data_shape: Sequence[int] | int, network_kwargs: dict | None = None,
+                      **model_kwargs) -> "DiffFlow":
+        """DiffFlow whose drift and score are both built by the network registry
+        (:func:`diffflow_ext.networks.build_network`), e.g.
+        ``DiffFlow.from_networks("mlp", (2,), {"hidden": 128}, num_steps=30)``; any registered network
+        round-trips through :meth:`config` / :meth:`from_config` (and so through checkpoints)."""
+        if network_kwargs is not None and not isinstance(network_kwargs, dict):
+            raise ValueError(f"network_kwargs: expected a dict of network arguments, got {network_kwargs!r}")
+        shape = (data_shape,) if isinstance(data_shape, int) else tuple(data_shape)
+        drift = build_network(network, data_shape=shape, **(network_kwargs or {}))
+        score = build_network(network, data_shape=shape, **(network_kwargs or {}))
+        return cls(drift, score, shape, **model_kwargs)
 
     def config(self) -> dict:
-        """JSON-able constructor arguments (for :meth:`from_config`); MLP models only."""
-        if self._net_config is None:
-            raise ValueError("config: only models built with DiffFlow.mlp(...) describe their networks")
+        """JSON-able constructor arguments (for :meth:`from_config`); networks built by the registry only."""
+        nets = {}
+        for name in ("drift", "score"):
+            cfg = getattr(getattr(self, name), "network_config", None)
+            if cfg is None:
+                raise ValueError(f"config: the {name} network was not built by diffflow_ext.networks.build_network "
+                                 "(register it with register_network to make the model describable)")
+            nets[name] = cfg
         diffusion = self.diffusion.config()
         if diffusion is None:
             raise ValueError("config: a callable diffusion cannot be serialised; pass a float or a sequence")
         return {
-            **self._net_config,
+            **nets,
+            "data_shape": list(self.data_shape),
             "num_steps": self.num_steps,
             "t_start": self.t_start,
             "t_end": self.t_end,
@@ -123,14 +195,31 @@ class DiffFlow(nn.Module):
             "diffusion": diffusion,
             "prior_std": self.prior_std,
             "gradient": self.gradient,
+            "memory_budget": self.memory_budget,
+            "checkpoint_schedule": self.checkpoint_schedule,
+            "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).split(".")[-1],
             "backend": self.backend,
             "grid": self.grid,
         }
 
     @classmethod
     def from_config(cls, cfg: dict) -> "DiffFlow":
+        """The model of :meth:`config` (also the older MLP form with ``dim``/``hidden``/``depth``/``time_dim``)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"model config: expected a dict, got {type(cfg).__name__}")
         cfg = dict(cfg)
+        if "drift" in cfg or "score" in cfg:
+            missing = [k for k in ("drift", "score", "data_shape") if k not in cfg]
+            if missing:
+                raise ValueError(f"model config: missing {', '.join(missing)}")
+            drift = build_network_from_config(cfg.pop("drift"))
+            score = build_network_from_config(cfg.pop("score"))
+            shape = cfg.pop("data_shape")
+            shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
+            return cls(drift, score, shape, **cfg)
         net = {k: cfg.pop(k) for k in ("dim", "hidden", "depth", "time_dim") if k in cfg}
+        if "dim" not in net:
+            raise ValueError("model config: expected 'drift'/'score' network configs or an MLP 'dim'")
         return cls.mlp(**net, **cfg)
 
     # ------------------------------------------------------------------ grids
@@ -160,20 +249,43 @@ class DiffFlow(nn.Module):
         """``(t, dt, g)`` of a ``(B, N+1)`` float64 grid: network times in ``dtype``, ``dt`` ``(B, N)`` and ``g``
         ``(B, N+1)`` in its accumulation dtype. A grid shared by the batch (stride 0) stays expanded."""
         acc = acc_dtype(dtype)
-        B = t64.shape[0]
+        B, n = t64.shape[0], t64.shape[1] - 1
+        fixed = polynomial_grid(n, self.t_start, self.t_end, self.time_exponent).to(t64.device)
         if t64.stride(0) == 0:  # compute on one row; no B x N copies
             row = t64[:1]
             return (row.to(dtype).expand(B, -1), (row[:, 1:] - row[:, :-1]).to(acc).expand(B, -1),
-                    self.diffusion.at_grid(row).to(acc).expand(B, -1))
-        return t64.to(dtype), (t64[:, 1:] - t64[:, :-1]).to(acc), self.diffusion.at_grid(t64).to(acc)
+                    self.diffusion.at_grid(row, fixed).to(acc).expand(B, -1))
+        return t64.to(dtype), (t64[:, 1:] - t64[:, :-1]).to(acc), self.diffusion.at_grid(t64, fixed).to(acc)
+
+    def autocast_for(self, device: torch.device) -> tuple[str, torch.dtype] | None:
+        """``(device type, dtype)`` the networks run under on ``device``: the model's ``autocast_dtype``, else an
+        enclosing ``torch.autocast``, else None."""
+        dev = torch.device(device).type
+        if self.autocast_dtype is not None:
+            return dev, self.autocast_dtype
+        if torch.is_autocast_enabled(dev):
+            return dev, torch.get_autocast_dtype(dev)
+        return None
+
+    def networks_at(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Drift and score at ``(x, t)`` as the training walk computes them (autocast as configured, outputs in
+        ``x``'s dtype): for samplers and likelihoods."""
+        ac = self.autocast_for(x.device)
+        return call_network(self.drift, x, t, ac), call_network(self.score, x, t, ac)
 
     def _walk(self, x: Tensor, t64: Tensor, generator: torch.Generator | None) -> Walk:
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+            if generator.device.type != x.device.type:
+                raise ValueError(f"generator: it lives on {generator.device} but the data is on {x.device}; pass "
+                                 f"torch.Generator(device={str(x.device)!r})")
         t, dt, g = self.step_coefficients(t64, x.dtype)
 
         def noise(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-        return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend)
+        return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend, self.autocast_for(x.device))
 
     def _check_data(self, name: str, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -184,6 +296,9 @@ class DiffFlow(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"{name}: expected a floating tensor, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+            raise ValueError(f"{name}: {bad} of {x.shape[0]} samples hold NaN or inf values; clean the data first")
         return x
 
     # ------------------------------------------------------------------ densities of the prior
@@ -205,8 +320,15 @@ class DiffFlow(nn.Module):
         self._check_data("x0", x0)
         t = self.time_grid(x0.shape[0], num_steps=num_steps, grid=grid, generator=generator, device=x0.device)
         walk = self._walk(x0, t, generator)
-        if self.gradient == "adjoint" and torch.is_grad_enabled():
-            return adjoint_loss(walk, x0)
+        if self.gradient != "autograd" and torch.is_grad_enabled():
+            if self.gradient == "adjoint":
+                budget = 0.0
+            else:
+                budget = resolve_memory_budget(self.memory_budget, x0.device)
+            info: dict = {}
+            loss = checkpointed_loss(walk, x0, budget, self.checkpoint_schedule, info)
+            self.last_gradient_plan = info["plan"].summary()
+            return loss
         return forward_walk(walk, x0, keep_states=False).loss
 
     def loss(
@@ -267,8 +389,8 @@ class DiffFlow(nn.Module):
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive integer number of samples, got {n!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"lam: expected a number >= 0, got {lam!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+            raise ValueError(f"lam: expected a finite number >= 0 (0: the probability-flow ODE), got {lam!r}")
         ref = self._param_like()
         device = device if device is not None else (ref.device if ref.numel() else "cpu")
         dtype = dtype if dtype is not None else (ref.dtype if ref.numel() else torch.float32)
@@ -298,5 +420,5 @@ class DiffFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"data_shape={self.data_shape}, num_steps={self.num_steps}, t=[{self.t_start}, {self.t_end}], "
-                f"time_exponent={self.time_exponent}, gradient={self.gradient!r}, backend={self.backend!r}, "
-                f"grid={self.grid!r}")
+                f"time_exponent={self.time_exponent}, gradient={self.gradient!r}, "
+                f"memory_budget={self.memory_budget!r}, backend={self.backend!r}, grid={self.grid!r}")

@@ -8,7 +8,7 @@ grid draws each interior point inside its cell, fresh for every batch and every 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,14 +20,20 @@ __all__ = [
     "Diffusion",
     "ProgressiveSteps",
     "check_num_steps",
+    "MAX_NUM_STEPS",
 ]
 
 GRIDS = ("fixed", "flexible")
 
 
+MAX_NUM_STEPS = 100_000
+
+
 def check_num_steps(num_steps: object, name: str = "num_steps") -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"{name}: expected a positive integer number of steps, got {num_steps!r}")
+    """An integer number of steps in ``[1, MAX_NUM_STEPS]`` (larger grids are a mistake, not a workload: the
+    paper uses at most 100 steps, and every step holds a state of the whole batch)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(f"{name}: expected an integer number of steps in [1, {MAX_NUM_STEPS}], got {num_steps!r}")
     return num_steps
 
 
@@ -63,19 +69,27 @@ def flexible_grid(grid: Tensor, batch_size: int, generator: torch.Generator | No
     return out
 
 
-DiffusionSpec = Union[float, int, Sequence[float], Tensor, Callable[[Tensor], Tensor]]
+DiffusionSpec = float | int | Sequence[float] | Tensor | Callable[[Tensor], Tensor]
 
 
 class Diffusion:
     """The diffusion coefficient g: a constant, one value per grid point, or a callable of t.
 
-    ``at_grid(t)`` gives g at each point of a ``(B, N+1)`` grid; ``at_time(t)`` at continuous times
-    (per-grid-point values are interpolated linearly over the fixed grid for the ODE).
+    ``at_grid(t)`` gives g at each point of a ``(B, N+1)`` grid; ``at_time(t)`` at continuous times.
+    Per-grid-point values belong to the points of the fixed grid and are interpolated linearly in between,
+    the same way everywhere: on a flexible training grid, in the ODE and in ``log_prob``.
+
+    A learnable g is refused: its gradients would need the ``D log(g_N/g_0)`` term of the bound and the step
+    ops' derivatives in g, which the loss leaves out (it is constant in the networks' parameters).
     """
 
     def __init__(self, spec: DiffusionSpec):
         self.spec = spec
         if callable(spec) and not isinstance(spec, Tensor):
+            params = getattr(spec, "parameters", None)
+            if callable(params) and any(p.requires_grad for p in params()):
+                raise ValueError("diffusion: a module with learnable parameters is not supported (the loss treats g "
+                                 "as fixed); freeze them (requires_grad_(False)) or pass a float, a list or a function")
             self.kind = "callable"
         elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
             if not spec > 0:
@@ -105,11 +119,15 @@ class Diffusion:
                 f"{num_steps + 1}; pass a float or a callable of t to change the number of steps"
             )
 
-    def at_grid(self, t: Tensor) -> Tensor:
+    def at_grid(self, t: Tensor, fixed_grid: Tensor | None = None) -> Tensor:
+        """g at the points of ``(B, N+1)`` grids. Per-grid-point values: by index when ``fixed_grid`` is None,
+        else interpolated over ``fixed_grid`` (the same values at its points; in between for flexible grids)."""
         if self.kind == "constant":
             return torch.full_like(t, float(self.spec))
         if self.kind == "per_point":
             self.check_steps(t.shape[-1] - 1)
+            if fixed_grid is not None:
+                return self.at_time(t, fixed_grid)
             return self.values.to(device=t.device, dtype=t.dtype).expand_as(t).clone()
         return self._call(t)
 
@@ -127,9 +145,18 @@ class Diffusion:
 
     def _call(self, t: Tensor) -> Tensor:
         g = self.spec(t)
+        if isinstance(g, Tensor) and g.requires_grad:
+            raise ValueError("diffusion: the callable returned a g that requires grad (a learnable g is not supported: "
+                             "the loss treats g as fixed); detach it or freeze its parameters")
         g = torch.as_tensor(g, dtype=t.dtype, device=t.device)
         if g.shape != t.shape:
-            g = g.expand(t.shape)
+            try:
+                g = g.expand(t.shape)
+            except RuntimeError:
+                raise ValueError(f"diffusion: the callable returned shape {tuple(g.shape)} for times of shape "
+                                 f"{tuple(t.shape)}; expected a scalar or the times' shape") from None
+        if not bool(((g > 0) & torch.isfinite(g)).all()):
+            raise ValueError("diffusion: the callable returned a g that is not finite and positive at some time")
         return g
 
 

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from analytic import (
     ContinuousGaussianScore,
     GridLinear,
@@ -18,6 +16,8 @@ from analytic import (
     gaussian_nll,
     reversal_coefficients,
 )
+from torch import nn
+
 from diffflow_ext import DiffFlow, TimeMLP
 from diffflow_ext.schedules import ProgressiveSteps, polynomial_grid
 
@@ -81,15 +81,20 @@ def test_adjoint_equals_autograd_default_backend_and_shared_parameters():
         assert (a - b).norm() <= 1e-9 * b.norm()
 
 
-def test_each_network_evaluated_once_per_state():
+@pytest.mark.parametrize("gradient,budget,recomputed", [
+    ("adjoint", None, (8, 7)),  # the adjoint re-evaluates each network once at every state
+    ("auto", None, (0, 0)),  # no limit: every graph kept, nothing recomputed
+    ("autograd", None, (0, 0)),
+])
+def test_each_network_evaluated_once_per_state(gradient, budget, recomputed):
     grid = polynomial_grid(7, 1e-3, 0.05, 0.9)
     drift, score = GridLinear(grid, np.linspace(-1, 1, 8), learnable=True), GridLinear(grid, np.ones(8), learnable=True)
-    model = DiffFlow(drift, score, (2,), num_steps=7, backend="torch")
+    model = DiffFlow(drift, score, (2,), num_steps=7, backend="torch", gradient=gradient, memory_budget=budget)
     x0 = torch.randn(4, 2, dtype=torch.float64)
     loss = model.loss(x0)
     assert (drift.calls, score.calls) == (8, 7)  # N+1 drift evaluations, N score evaluations (none at x_0)
     loss.backward()
-    assert (drift.calls, score.calls) == (16, 14)  # the adjoint re-evaluates each once
+    assert (drift.calls - 8, score.calls - 7) == recomputed
 
 
 def test_nll_bound_exact_for_exact_reversal():
@@ -276,7 +281,7 @@ def test_progressive_and_flexible_schedules():
     ({"num_steps": 2.5}, "num_steps"),
     ({"diffusion": -0.1}, "diffusion"),
     ({"diffusion": [0.1, 0.2]}, "diffusion"),
-    ({"gradient": "magic"}, "gradient: expected one of 'adjoint', 'autograd'"),
+    ({"gradient": "magic"}, "gradient: expected one of 'auto', 'adjoint', 'autograd'"),
     ({"backend": "gpu"}, "backend: expected one of"),
     ({"grid": "random"}, "grid"),
     ({"prior_std": 0}, "prior_std"),

@@ -1,0 +1,162 @@
+"""Memory budgets and checkpointing plans for the ``"auto"`` gradient mode.
+
+A *budget* is what one training iteration may spend on saved network activations (the networks' autograd
+graphs) beyond what the stochastic adjoint always holds: the states ``x_0..x_N`` (``(N+1) B D`` elements).
+It is given as bytes (an ``int``), as a fraction in ``(0, 1]`` of the memory free at the time of the call
+(CUDA: free device memory plus the allocator's cached but unused blocks; CPU: ``MemAvailable`` of
+``/proc/meminfo``), or ``None`` for no limit.
+
+A *plan* says, for each state ``i = 0..N``, whether the networks' graphs made in the forward walk are kept
+(no recomputation in the backward walk) or dropped (the networks are re-run at ``x_i``, with the first
+pass's RNG state, in the backward walk). With every state stored, each dropped state costs exactly one
+recomputation of the networks at that state, whichever it is; the schedules differ in peak memory:
+
+* ``"end"`` keeps the ``k`` states nearest the noise end (``i > N - k``). The backward walk visits them
+  first and frees each graph after its VJP, so no recomputed graph ever coexists with the kept ones:
+  peak ``k G``. Optimal for stored states, and the default.
+* ``"uniform"``: the ``k`` kept states evenly spaced over the trajectory (the classic uniform
+  checkpointing layout); peak ``k G`` plus one recomputed graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["CHECKPOINT_SCHEDULES", "check_memory_budget", "parse_memory_budget", "resolve_memory_budget",
+           "available_memory", "Plan", "make_plan"]
+
+CHECKPOINT_SCHEDULES = ("end", "uniform")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def check_memory_budget(value: object, name: str = "memory_budget") -> int | float | None:
+    """Validate a budget: ``None`` (no limit), bytes (an ``int >= 0``) or a fraction (a ``float`` in ``(0, 1]``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected bytes (an int >= 0), a fraction of free memory in (0, 1] or None, "
+                         f"got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name}: expected bytes >= 0, got {value}")
+        return value
+    if isinstance(value, float):
+        if math.isinf(value) and value > 0:
+            return None
+        if not (0.0 < value <= 1.0):
+            raise ValueError(f"{name}: a float is a fraction of free memory and must lie in (0, 1], got {value!r} "
+                             "(pass bytes as an int, e.g. 2 * 2**30)")
+        return value
+    raise ValueError(f"{name}: expected bytes (an int >= 0), a fraction of free memory in (0, 1] or None, "
+                     f"got {type(value).__name__} {value!r}")
+
+
+def parse_memory_budget(text: str, name: str = "--memory-budget") -> int | float | None:
+    """A budget from text: ``"none"``/``"inf"`` (no limit), ``"0.25"`` (a fraction), ``"512MiB"``, ``"2GB"``,
+    ``"1e9"`` (bytes). For command lines."""
+    s = str(text).strip().lower().replace(" ", "")
+    if s in ("none", "inf", "unlimited"):
+        return None
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        v = float(num)
+    except ValueError:
+        v = float("nan")
+    if unit not in _UNITS or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: expected a fraction of free memory in (0, 1], a size such as 512MiB or 2GB, "
+                         f"or 'none'; got {text!r}")
+    if unit == "" and "." in num and v <= 1.0 and "e" not in num:
+        return check_memory_budget(v, name)
+    return check_memory_budget(int(v * _UNITS[unit]), name)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free now on ``device`` (see the module docstring)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62  # unknown: no limit
+
+
+def resolve_memory_budget(budget: int | float | None, device: torch.device) -> float:
+    """Bytes (``inf`` for no limit) of a validated budget, fractions resolved against the memory free now."""
+    if budget is None:
+        return math.inf
+    if isinstance(budget, float):
+        return budget * available_memory(device)
+    return float(budget)
+
+
+@dataclass
+class Plan:
+    """Which states keep their graphs. ``graph_bytes``: measured bytes of one interior state's graphs
+    (drift and score; 0 when not measured), ``budget_bytes``: the resolved budget."""
+
+    keep: list[bool]
+    schedule: str
+    graph_bytes: int = 0
+    budget_bytes: float = math.inf
+
+    @property
+    def num_kept(self) -> int:
+        return sum(self.keep)
+
+    @property
+    def num_recomputed(self) -> int:
+        return len(self.keep) - self.num_kept
+
+    def recompute_fraction(self) -> float:
+        """Fraction of the walk's network evaluations that the backward walk repeats (state 0 has only the
+        drift, each other state the drift and the score: weights 1/2 and 1, approximately)."""
+        w = [0.5] + [1.0] * (len(self.keep) - 1)
+        return sum(wi for wi, k in zip(w, self.keep) if not k) / sum(w)
+
+    def summary(self) -> dict:
+        return {"schedule": self.schedule, "states": len(self.keep), "kept": self.num_kept,
+                "recomputed": self.num_recomputed, "graph_bytes_per_state": self.graph_bytes,
+                "budget_bytes": self.budget_bytes}
+
+
+def _kept_indices(num_states: int, k: int, schedule: str) -> set[int]:
+    if k <= 0:
+        return set()
+    if k >= num_states:
+        return set(range(num_states))
+    if schedule == "end":
+        return set(range(num_states - k, num_states))
+    # uniform: k points evenly over [0, num_states), the last state included
+    step = num_states / k
+    return {num_states - 1 - int(j * step) for j in range(k)}
+
+
+def make_plan(num_states: int, schedule: str, budget_bytes: float, graph_bytes: int, work_bytes: int) -> Plan:
+    """Keep as many graphs as fit: ``k G + work <= budget``, where ``G`` is one state's graphs and ``work`` what
+    the walk needs besides them (VJP workspace, gradient buffers). ``"uniform"`` also holds one recomputed graph
+    next to the kept ones; ``"end"`` never does (see the module docstring)."""
+    if budget_bytes <= 0:
+        k = 0
+    elif math.isinf(budget_bytes) or num_states * graph_bytes + work_bytes <= budget_bytes:
+        k = num_states
+    elif graph_bytes <= 0:
+        k = 0
+    else:
+        extra = graph_bytes if schedule == "uniform" else 0
+        k = min(num_states - 1, int(max(0.0, budget_bytes - work_bytes - extra) // graph_bytes))
+    kept = _kept_indices(num_states, k, schedule)
+    return Plan([i in kept for i in range(num_states)], schedule, graph_bytes, budget_bytes)
