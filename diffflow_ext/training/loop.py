@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,13 @@ def train(
     log: Callable[[str], None] | None = None,
     final_eval: bool = True,
     pictures: bool = True,
+    hooks: Sequence[Callable[[TrainState, StepStats], None]] = (),
 ) -> dict:
     """Train; writes ``checkpoint.safetensors``, ``metrics.json``, pictures and ``log.jsonl`` under the
     output folder. Returns a summary dict (``out``, ``step``, ``metrics``, timings).
 
+    ``hooks``: callables ``hook(state, stats)`` run on every process after each completed step (after the
+    built-in logging, checkpointing and evaluation of that step).
     Errors (bad options, data, checkpoint, output folder) are raised before anything is written.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -235,15 +239,18 @@ def train(
                              f"total, give more than {ck.step} (or use 'diffflow eval' to evaluate it)")
     elif cfg.iters < 1:
         raise ValueError(f"--iters {cfg.iters}: nothing to train; give the number of training iterations (>= 1)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     ctx = setup(cfg.device)
     try:
         return _train(cfg, ctx, ck, resume=resume, overwrite=overwrite, progress=progress, log=log,
-                      final_eval=final_eval, pictures=pictures)
+                      final_eval=final_eval, pictures=pictures, hooks=tuple(hooks))
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progress, log, final_eval, pictures) -> dict:
+def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progress, log, final_eval, pictures,
+           hooks) -> dict:
     from ..model import DiffFlow
 
     shards = local_shards(cfg.shards, ctx.rank, ctx.world)
@@ -269,10 +276,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         if state.scaler is not None and "grad_scaler" in ck.extra:
             state.scaler.load_state_dict(ck.extra["grad_scaler"])
     folder = RunFolder(out, is_main=ctx.is_main)
-    folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists())
-    ckpt_path = folder.file(CHECKPOINT_NAME)
+    ckpt_path = out / CHECKPOINT_NAME
     have_checkpoint = ck is not None
-    tb = folder.enable_tensorboard() if cfg.tensorboard else False
 
     net = state.model
     if ctx.distributed:
@@ -301,25 +306,29 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                         ema=state.ema, step=state.step, generators=gens, numpy_rngs={"data": state.data_rng},
                         extra=extra)
 
-    if ctx.is_main:
-        log(
-            f"diffflow train: data={data.name} dim={data.dim} N={cfg.progressive or cfg.num_steps} grid={cfg.grid} "
-            f"g={cfg.diffusion} net={cfg.depth}x{cfg.hidden} batch={cfg.batch_size} iters={cfg.iters} lr={cfg.lr} "
-            f"device={ctx.device} precision={cfg.precision} gradient={cfg.gradient} processes={ctx.world} "
-            f"shards={cfg.shards} -> {out}" + (f" (resumed at step {state.step})" if ck else "")
-        )
     from tqdm.auto import tqdm
 
     schedule = cfg.steps_schedule()
     dtype = DTYPES[cfg.dtype]
     start_step = state.step
-    bar = tqdm(total=cfg.iters, initial=min(state.step, cfg.iters), disable=not (progress and ctx.is_main),
-               dynamic_ncols=True, smoothing=0.1, desc="train", file=sys.stderr)
     t_start = time.perf_counter()
     loss_ema = None
     interrupted = False
     skipped_in_a_row = 0
+    bar = None
+    # from here on files are written: a failure before the first checkpoint removes what this run created
+    folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists())
+    folder.file(CHECKPOINT_NAME)
     try:
+        if ctx.is_main:
+            log(f"diffflow train: data={data.name} dim={data.dim} N={cfg.progressive or cfg.num_steps} "
+                f"grid={cfg.grid} g={cfg.diffusion} net={cfg.depth}x{cfg.hidden} batch={cfg.batch_size} "
+                f"iters={cfg.iters} lr={cfg.lr} device={ctx.device} precision={cfg.precision} "
+                f"gradient={cfg.gradient} processes={ctx.world} shards={cfg.shards} -> {out}"
+                + (f" (resumed at step {state.step})" if ck else ""))
+        tb = folder.enable_tensorboard() if cfg.tensorboard else False
+        bar = tqdm(total=cfg.iters, initial=min(state.step, cfg.iters), disable=not (progress and ctx.is_main),
+                   dynamic_ncols=True, smoothing=0.1, desc="train", file=sys.stderr)
         with _StopRequest() as stop:
             while state.step < cfg.iters:
                 if ctx.any(stop.requested):
@@ -373,8 +382,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                     folder.log({"step": step, "eval": m})
                     if tb:
                         folder.scalars(step, {k: v for k, v in m.items() if isinstance(v, float)}, prefix="eval")
+                for hook in hooks:
+                    hook(state, st)
     except BaseException:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if not have_checkpoint:
             folder.discard()
         folder.close()

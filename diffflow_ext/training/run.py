@@ -39,6 +39,7 @@ def choose_out_dir(out: str | None, *, data: str, resume: str | None, overwrite:
         resume_dir = (rp if rp.is_dir() else rp.parent).resolve()
     if out:
         folder = Path(out)
+        _check_inputs(folder, inputs)
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"--out {out}: exists and is not a folder")
         continuing = resume_dir is not None and folder.resolve() == resume_dir
@@ -60,12 +61,16 @@ def choose_out_dir(out: str | None, *, data: str, resume: str | None, overwrite:
         while folder.exists():
             folder, k = base.with_name(f"{base.name}-{k}"), k + 1
         continuing = False
+    _check_inputs(folder, inputs)
+    return folder, continuing
+
+
+def _check_inputs(folder: Path, inputs: tuple[str, ...]) -> None:
     targets = {(folder / n).resolve() for n in OUTPUT_NAMES}
     for f in inputs:
         if f and Path(f).resolve() in targets:
             raise FileExistsError(f"--out {folder}: the run would write over its own input file {f}; "
                                   "choose another --out")
-    return folder, continuing
 
 
 class RunFolder:
