@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from diffflow_ext import DiffFlow
-from diffflow_ext.checkpoint import EMA, CheckpointError, load_checkpoint, save_checkpoint
+from diffflow_ext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffflow_ext.training.ema import EMA
 from diffflow_ext.train import TrainConfig, train
 
 TINY = dict(data="checkerboard", hidden=16, depth=2, num_steps=4, progressive=None, batch_size=64, lr=1e-2, lr_decay=0.9,
