@@ -29,6 +29,7 @@ changed since training (content hash).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -429,6 +430,17 @@ def _looks_like_path(spec: str) -> bool:
         or Path(spec).exists()
 
 
+def _check_options(name: str, factory: Callable, options: dict) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted(k for k in params if k not in ("data_dir", "seed"))
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise DataSourceError(f"data option(s) {', '.join(bad)} do not apply to {name}; valid: "
+                              f"{', '.join(valid) or 'none'}")
+
+
 def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0, **options
                     ) -> DataSource:
     """Build a data source from a registered name (``"mnist"``, ``"power"``, ``"checkerboard"``...) or a path.
@@ -453,6 +465,7 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
                                   "(nothing is ever downloaded)")
         if data_dir is not None and not Path(data_dir).is_dir():
             raise DataSourceError(f"--data-dir {data_dir}: not a directory")
+        _check_options(key, e.factory, options)
         src = e.factory(data_dir=data_dir, seed=int(seed), **options)
         ddir = str(Path(data_dir).resolve()) if data_dir is not None else None
         src.spec = {"name": key, "options": {"seed": int(seed), "data_dir": ddir, **options}}
@@ -476,7 +489,10 @@ def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = 
     if not isinstance(state, dict):
         raise DataSourceError(f"stored data state must be a dict, got {type(state).__name__}")
     if "source" not in state and state.get("kind") in ("toy", "file"):  # checkpoints written before the registry
-        spec = {"name": state["name"], "options": {"seed": state.get("seed", 0), "holdout": state.get("holdout", 0.1)}}
+        opts = {"seed": state.get("seed", 0)}
+        if state["kind"] == "file":
+            opts["holdout"] = state.get("holdout", 0.1)
+        spec = {"name": state["name"], "options": opts}
         state = {"source": spec, "transform": {"name": "standardize", "mean": state["mean"], "std": state["std"]},
                  "sha256": None}
     spec = state["source"]
