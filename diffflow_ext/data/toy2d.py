@@ -43,7 +43,8 @@ Geometry (all in data units):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -468,9 +469,13 @@ def get(name: str) -> Toy2D:
     """The dataset called ``name`` (case-insensitive, '-' == '_'); clear error listing valid names."""
     key = str(name).strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
+    if key.startswith("sharp_") and key[6:].isdigit():  # the generated family, see diffflow_ext.data.sharp2d
+        from .sharp2d import generate
+
+        return generate(int(key[6:]))
     if key not in DATASETS:
         raise UnknownDatasetError(
-            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} "
+            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, sharp_SEED (a generated set) "
             f"(or a path to a .npy / .csv file of points)"
         )
     return DATASETS[key]

@@ -1,0 +1,101 @@
+"""The generated sharp 2-D family: exact membership, exact distance, exact entropy (checked by Monte Carlo)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from diffflow_ext.data import sharp2d, toy2d
+
+# two sets of every kind: one from the tuning part, one from the held-out part
+SEEDS = [s for k in range(len(sharp2d.KINDS)) for s in (k, 1000 + (k - 1000) % len(sharp2d.KINDS))]
+
+
+def test_every_kind_is_covered_and_the_split_is_disjoint():
+    assert {sharp2d.generate(s).kind for s in SEEDS} == set(sharp2d.KINDS)
+    assert not set(sharp2d.TUNING_SEEDS) & set(sharp2d.HELDOUT_SEEDS)
+    assert len(sharp2d.HELDOUT_SEEDS) >= 100
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_samples_lie_in_the_support_and_inside_the_box(seed):
+    ds = sharp2d.generate(seed)
+    x = ds.sample_numpy(20_000, 0)
+    assert np.abs(x).max() <= 1.0
+    d = ds.distance(x)
+    assert d.max() <= 1e-9, d.max()
+    assert ds.contains(x, tol=0.0).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_distance_is_exact_against_a_dense_sample_of_the_set(seed):
+    """The exact distance is a lower bound of the distance to any point of the set, and a dense sample of the
+    set comes within its spacing of it."""
+    ds = sharp2d.generate(seed)
+    dense = ds.sample_numpy(100_000, 1)
+    q = np.random.default_rng(2).uniform(-1.1, 1.1, size=(200, 2))
+    exact = ds.distance(q)
+    brute = np.sqrt(((q[:, None, :] - dense[None, ::2]) ** 2).sum(-1)).min(1)  # 50k points
+    assert (exact <= brute + 1e-12).all()
+    assert np.max(brute - exact) < 0.03  # sample spacing (thin pieces are dense; wide ones have points at the edge)
+    outside = exact > 0
+    assert outside.sum() > 30
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_area_and_entropy_are_exact_against_monte_carlo(seed):
+    ds = sharp2d.generate(seed)
+    rng = np.random.default_rng(3)
+    # area: hit fraction of uniform points in [-1, 1]^2 (the set lies inside), 5 standard errors
+    n = 200_000
+    u = rng.uniform(-1, 1, size=(n, 2))
+    hit = ds.distance(u) == 0
+    p = ds.area / 4
+    assert abs(hit.mean() - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-4
+    # per-piece mass: the share of samples in each piece equals its weight
+    x = ds.sample_numpy(50_000, 4)
+    per_piece = np.stack([piece.distance(x) == 0 for piece in ds.pieces], 1)
+    assert (per_piece.sum(1) == 1).all()  # pieces are disjoint
+    share = per_piece.mean(0)
+    assert np.all(np.abs(share - ds.weights) < 5 * np.sqrt(ds.weights * (1 - ds.weights) / len(x)) + 1e-4)
+    # entropy: -E[log p(x)] over samples equals the closed form
+    lp = ds.log_density(x)
+    assert np.isfinite(lp).all()
+    assert abs(-lp.mean() - ds.entropy) < 5 * lp.std() / math.sqrt(len(x)) + 1e-9
+    # and the density integrates to one over the support (area-weighted MC of p)
+    lu = ds.log_density(u)
+    integral = 4 * np.where(np.isfinite(lu), np.exp(lu), 0.0).mean()
+    assert abs(integral - 1.0) < 0.03
+
+
+def test_piece_areas_match_their_closed_forms():
+    sq = sharp2d.Polygon(np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=float))
+    assert sq.area == pytest.approx(1.0)
+    ring = sharp2d.AnnulusSector(np.zeros(2), 0.5, 1.0, 0.3, math.pi / 2)
+    assert ring.area == pytest.approx(math.pi / 4 * 0.75)
+    rng = np.random.default_rng(5)
+    u = rng.uniform(-1, 1, size=(400_000, 2))
+    assert 4 * (ring.distance(u) == 0).mean() == pytest.approx(ring.area, abs=0.01)
+    # a point beside the sector's straight edge is at its perpendicular distance from it
+    p = np.array([[0.75 * math.cos(0.3) + 0.1 * math.sin(0.3), 0.75 * math.sin(0.3) - 0.1 * math.cos(0.3)]])
+    assert ring.distance(p)[0] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_generation_is_deterministic_and_reachable_by_name():
+    a, b = sharp2d.generate(1003), toy2d.get("sharp_1003")
+    assert a.name == b.name == "sharp_1003"
+    np.testing.assert_array_equal(a.sample_numpy(100, 7), b.sample_numpy(100, 7))
+    assert sharp2d.generate(1004).entropy != a.entropy
+    with pytest.raises(ValueError, match="seed"):
+        sharp2d.generate(-1)
+
+
+def test_most_sets_are_not_separable_in_the_coordinates():
+    """A product of the two marginals puts a large share of its mass outside the support (no stripes trick)."""
+    outside = []
+    for s in sharp2d.HELDOUT_SEEDS[:12]:
+        ds = sharp2d.generate(s)
+        x = ds.sample_numpy(20_000, 0)
+        prod = np.stack([x[:, 0], np.random.default_rng(1).permutation(x[:, 1])], 1)
+        outside.append(1 - ds.contains(prod).mean())
+    assert np.median(outside) > 0.3
