@@ -9,83 +9,360 @@ Examples::
     torchrun --nproc_per_node=2 -m diffflow_ext.train checkerboard --shards 2
     diffflow sample runs/checkerboard -n 10000 --lam 0.5 --out samples.npy
     diffflow eval runs/checkerboard
+
+The options of ``diffflow train`` are generated from the fields of
+:class:`diffflow_ext.training.config.TrainConfig` (flags, help, choices and bounds live in the fields'
+metadata); ``sample`` and ``eval`` are generated the same way from :class:`SampleOptions` and
+:class:`EvalOptions` below. Every bad input ends in one line on stderr that names the flag as the user typed
+it, with exit status 2 (usage) or 1 (a failure while running), before anything is written; set
+``DIFFFLOW_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
+import math
+import os
 import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+from .training.config import (
+    GROUPS,
+    PRESETS,
+    ConfigError,
+    Range,
+    TrainConfig,
+    check_field,
+    option,
+    option_fields,
+    resolve_config,
+    resume_config,
+)
+
+__all__ = ["main", "build_parser", "CLIError", "SampleOptions", "EvalOptions"]
+
+DEBUG_ENV = "DIFFFLOW_DEBUG"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2, *, prog: str | None = None):
+        super().__init__(message)
+        self.code, self.prog = code, prog
+
+
+# ----------------------------------------------------------------------------- options of sample / eval
+
+
+def _sampler_names() -> Sequence[str]:
+    from .samplers import SAMPLERS
+
+    return tuple(SAMPLERS)
+
+
+_COUNT = Range(1, 10**8, integer=True)
+_SEED = Range(0, 2**32 - 1, integer=True)
+_LAM = Range(0, 100)
+
+
+@dataclass
+class SampleOptions:
+    """Options of ``diffflow sample``."""
+
+    n: int = option(5000, "number of samples", flags=("-n",), range=_COUNT, group="sampling")
+    lam: float | None = option(None, "lambda of the marginal-equivalent SDE (1: DiffFlow's backward SDE, 0: "
+                                     "probability-flow ODE; default: the run's --eval-lam)", range=_LAM,
+                               nullable=True, group="sampling")
+    num_steps: int | None = option(None, "sampling steps (default: the trained N)", flags=("-N",), nullable=True,
+                                   range=Range(1, 10_000, integer=True), group="sampling")
+    seed: int = option(0, "seed of the sampler", range=_SEED, group="sampling")
+    out: str | None = option(None, "output .npy file, or a folder to write samples_seed<SEED>.npy into "
+                                   "(default: the run folder)", nullable=True, metavar="FILE|DIR", group="output")
+    png: str | None = option(None, "picture path (default: next to --out; none: no picture)", nullable=True,
+                             metavar="FILE|none", group="output")
+
+
+@dataclass
+class EvalOptions:
+    """Options of ``diffflow eval``."""
+
+    data: str | None = option(None, "held-out data: a data source name or a file (default: the run's held-out "
+                                    "data)", nullable=True, group="evaluation")
+    n_samples: int | None = option(None, "model samples (default: as in training)", range=_COUNT, nullable=True,
+                                   group="evaluation")
+    n_heldout: int = option(5000, "held-out points", range=_COUNT, group="evaluation")
+    n_nll: int = option(2000, "held-out points for the negative ELBO", range=_COUNT, group="evaluation")
+    n_ode: int | None = option(None, "held-out points for the ODE log-likelihood (0: skip; default: as in "
+                                     "training)", range=Range(0, 10**8, integer=True), nullable=True,
+                               group="evaluation")
+    lam: float | None = option(None, "sampler lambda (default: the run's --eval-lam)", range=_LAM, nullable=True,
+                               group="evaluation")
+    seed: int | None = option(None, "evaluation seed (default: the run's --eval-seed)", range=_SEED, nullable=True,
+                              group="evaluation")
+    json: str | None = option(None, "also write the metrics to this file", nullable=True, metavar="FILE",
+                              group="output")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as :class:`CLIError`, printed by :func:`main`)."""
+
+    def error(self, message: str):  # noqa: D401
+        raise CLIError(f"{message} (see '{self.prog} --help')", prog=self.prog)
+
+
+def _parse_int(text: str) -> int:
+    s = text.strip()
+    try:
+        return int(s)
+    except ValueError:
+        v = float(s)  # "1e4" -> 10000; ValueError for words
+        if not (math.isfinite(v) and v.is_integer()):
+            raise ValueError(f"not an integer: {text!r}") from None
+        return int(v)
+
+
+def _parse_bool(text: str) -> bool:
+    s = text.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _text_parser(f: dataclasses.Field) -> Callable[[str], Any]:
+    """How the CLI turns the text of field ``f``'s flag into a value."""
+    custom = f.metadata.get("parse")
+    if custom is not None:
+        return custom
+    kind = str(f.type).replace(" ", "").split("|")[0]
+    return {"int": _parse_int, "float": float, "bool": _parse_bool}.get(kind, str)
+
+
+class _FieldAction(argparse.Action):
+    """Stores a field's value, checked against the field's bounds and choices; remembers the flag typed."""
+
+    def __init__(self, option_strings, dest, field: dataclasses.Field, **kwargs):
+        self.field = field
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flag = option_string or self.metavar or self.dest
+        typed = _typed(namespace)
+        if _is_dict_field(self.field):
+            return self._add_item(parser, namespace, str(values), flag, typed)
+        if self.dest in typed:
+            parser.error(f"{flag} given twice ({typed[self.dest]} and {flag}); give it once")
+        f = self.field
+        if self.nargs == 0:  # a switch (bool field)
+            setattr(namespace, self.dest, True)
+            typed[self.dest] = flag
+            return
+        text = str(values)
+        try:
+            if f.metadata.get("nullable") and text.strip().lower() in ("none", "off"):
+                value = None
+            else:
+                value = _text_parser(f)(text)
+        except (ValueError, OverflowError) as e:
+            msg = str(e)
+            if msg.startswith(f"{f.name}: "):  # a parser of the config layer names the field: name the flag
+                raise CLIError(f"{flag}: {msg[len(f.name) + 2:]}", prog=parser.prog) from None
+            issue = check_field(f, object())  # the field's own description of what it expects
+            expected = issue.format(lambda n: flag) if issue is not None else f"{flag}: {msg}"
+            raise CLIError(f"{expected.split(', got')[0]}, got {text!r}", prog=parser.prog) from None
+        issue = check_field(f, value)
+        if issue is not None:
+            raise CLIError(issue.format(lambda n: flag), prog=parser.prog)
+        setattr(namespace, self.dest, value)
+        typed[self.dest] = flag
+
+
+    def _add_item(self, parser, namespace, text: str, flag: str, typed: dict) -> None:
+        """A repeatable KEY=VALUE option collecting into a dict."""
+        try:
+            key, value = _text_parser(self.field)(text)
+        except ValueError as e:
+            raise CLIError(f"{flag}: {e}", prog=parser.prog) from None
+        items = getattr(namespace, self.dest, None)
+        if not isinstance(items, dict):
+            items = {}
+            setattr(namespace, self.dest, items)
+        if key in items:
+            raise CLIError(f"{flag} {key} given twice ({key}={items[key]!r} and {text!r}); give it once",
+                           prog=parser.prog)
+        items[key] = value
+        typed[self.dest] = flag
+
+
+def _is_dict_field(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict)
+
+
+def _typed(namespace) -> dict[str, str]:
+    d = getattr(namespace, "_typed", None)
+    if d is None:
+        d = {}
+        namespace._typed = d
+    return d
+
+
+def _flags(f: dataclasses.Field) -> list[str]:
+    return [*f.metadata.get("flags", ()), "--" + f.name.replace("_", "-")]
+
+
+def _default_text(f: dataclasses.Field, defaults: Any) -> str:
+    v = getattr(defaults, f.name)
+    text = f"default: {'none' if v is None else v}"
+    if defaults.__class__ is TrainConfig:
+        per_kind = [f"{k}: {'none' if p[f.name] is None else p[f.name]}" for k, p in PRESETS.items()
+                    if f.name in p and p[f.name] != v]
+        if per_kind:
+            text += "; " + ", ".join(per_kind)
+    return text
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> None:
+    """One flag per option field of ``cls``; values land in the namespace only when the user typed them."""
+    defaults = cls()
+    groups = {} if groups is None else groups
+    fields = option_fields(cls)
+    used = [f.metadata["group"] for f in fields]
+    for g in dict.fromkeys([g for g in GROUPS if g in used] + used):  # GROUPS' order, then first use
+        if g not in groups:
+            groups[g] = p.add_argument_group(g)
+    for f in fields:
+        m = f.metadata
+        if not m.get("cli", True):
+            continue
+        g = groups[m["group"]]
+        choices = tuple(m["choices"]()) if m.get("choices") else None
+        metavar = m.get("metavar") or ("{" + ",".join(map(str, choices)) + "}" if choices else None)
+        hlp = m["help"] if "(default" in m["help"] else f"{m['help']} ({_default_text(f, defaults)})"
+        switch = {"nargs": 0} if str(f.type).strip() == "bool" else {"metavar": metavar}
+        g.add_argument(*_flags(f), dest=f.name, action=_FieldAction, field=f, default=argparse.SUPPRESS,
+                       help=hlp.replace("%", "%%"), **switch)
+
+
+def _explicit(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options the user typed (field name -> value)."""
+    names = {f.name for f in option_fields(cls) if f.metadata.get("cli", True)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _namer(args: argparse.Namespace, cls: type = TrainConfig) -> Callable[[str], str]:
+    """Field name -> the flag the user typed (or the field's long flag when it was not typed)."""
+    typed = getattr(args, "_typed", None) or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def name(field: str) -> str:
+        if field in typed:
+            return typed[field]
+        if field == "data":
+            return "DATA"
+        f = fields.get(field)
+        return _flags(f)[-1] if f is not None else field
+
+    return name
+
+
+# ----------------------------------------------------------------------------- output safety
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """``path`` (a folder, existing or not) can be created and written, else a one-line error."""
+    anc = path
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise CLIError(f"{flag} {path}: {anc} is a file, not a folder", 1)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=anc, prefix=".diffflow-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot write in {anc} ({e.strerror or e})", 1) from None
+
+
+def _refuse_existing(path: Path, flag: str, overwrite: bool) -> None:
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder, expected a file", 1)
+    if path.exists() and not overwrite:
+        raise CLIError(f"{flag} {path}: file exists; pass --overwrite to replace it", 1)
+    _check_writable_dir(path.parent, flag)
+
+
+@contextlib.contextmanager
+def _staged(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Temporary files next to each of ``paths`` (same suffix); all moved into place together at the end,
+    all removed if anything fails -- the outputs appear complete or not at all."""
+    tmps = []
+    try:
+        for p in paths:
+            fd, t = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}")
+            os.close(fd)
+            tmps.append(Path(t))
+        yield tmps
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+    finally:
+        for t in tmps:
+            with contextlib.suppress(OSError):
+                t.unlink()
+
+
+# ----------------------------------------------------------------------------- train
 
 
 def _train_parser(sub) -> None:
-    from .training.config import TrainConfig
+    from .data.base import data_source_names
 
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train a DiffFlow model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Train DiffFlow on a 2-D toy dataset or a .npy/.csv file of points.")
-    p.add_argument("data", nargs="?", default=d.data,
-                   help="dataset name (checkerboard, olympic_rings, four_rings, 2spirals, 8gaussians, moons, "
-                        "swissroll, sierpinski_carpet, fractal_tree) or a .npy/.csv file of points (n, d)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<data>[-k])")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p = sub.add_parser("train", help="train a DiffFlow model",
+                       description="Train DiffFlow on a 2-D toy, a point file, a tabular set or an image set. "
+                                   "Defaults depend on the kind of data (shown as 'kind: value').")
+    p.add_argument("data", nargs="?", default=None, metavar="DATA",
+                   help=f"a data source ({', '.join(sorted(data_source_names()))}) or a file: .npy/.csv of points "
+                        f"(n, d), .npy/.npz of uint8 images, a folder of PNG images (default: checkerboard)")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue a run from its checkpoint (file or run folder); --iters is the new total")
-    g = p.add_argument_group("model / SDE")
-    g.add_argument("-N", "--num-steps", type=int, default=None,
-                   help=f"fixed number of SDE steps N (turns the default progressive schedule off; "
-                        f"default: progressive {d.progressive})")
-    g.add_argument("--progressive", default=None, metavar="START:END[:WARMUP]",
-                   help=f"progressive N, rising from START to END over WARMUP iterations (default 1000); "
-                        f"'none': fixed N (default: {d.progressive} unless -N is given)")
-    g.add_argument("--grid", choices=("fixed", "flexible"), default=d.grid)
-    g.add_argument("--g", "--diffusion", dest="diffusion", type=float, default=d.diffusion,
-                   help="diffusion coefficient g")
-    g.add_argument("--t-start", type=float, default=d.t_start)
-    g.add_argument("--t-end", type=float, default=d.t_end)
-    g.add_argument("--time-exponent", type=float, default=d.time_exponent)
-    g.add_argument("--hidden", "--width", dest="hidden", type=int, default=d.hidden, help="MLP width")
-    g.add_argument("--depth", type=int, default=d.depth, help="MLP hidden layers")
-    g.add_argument("--gradient", choices=("adjoint", "autograd"), default=d.gradient)
-    g.add_argument("--backend", default=d.backend, help="step-op backend (see diffflow_ext.available_backends())")
-    g.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="global batch size")
-    o.add_argument("--iters", type=int, default=d.iters, help="total training iterations")
-    o.add_argument("--lr", type=float, default=d.lr)
-    o.add_argument("--lr-decay", type=float, default=d.lr_decay, help="step decay factor")
-    o.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="iterations between decays (0: off)")
-    o.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights (0: off)")
-    o.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping (0: off)")
-    o.add_argument("--seed", type=int, default=d.seed)
-    o.add_argument("--shards", type=int, default=None,
-                   help="noise streams the batch is split into (default: number of processes); equal shards "
-                        "make runs with different process counts identical")
-    o.add_argument("--holdout", type=float, default=d.holdout, help="held-out fraction of a data file")
-    e = p.add_argument_group("evaluation / output")
-    e.add_argument("--eval-every", type=int, default=d.eval_every, help="iterations between evaluations (0: off)")
-    e.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    e.add_argument("--final-samples", type=int, default=d.final_samples, help="samples for the final evaluation")
-    e.add_argument("--final-ode", type=int, default=d.final_ode,
-                   help="held-out points for the final ODE log-likelihood (0: skip)")
-    e.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="iterations between checkpoints (0: end)")
-    e.add_argument("--eval-seed", type=int, default=d.eval_seed)
-    e.add_argument("--eval-lam", type=float, default=d.eval_lam,
-                   help="lambda of the marginal-equivalent sampler used by the evaluations, pictures and "
-                        "'diffflow sample' (1: DiffFlow's backward SDE, 0: probability-flow ODE); 0.5 gives "
-                        "slightly sharper 2-D samples than 1 after short training")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _threads_arg(p)
+    _add_fields(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
 
 def _threads_arg(p) -> None:
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_nonneg_int("--threads"), default=1,
                    help="torch CPU threads per process (the small MLPs run fastest single-threaded, and "
                         "several threads per process thrash a busy machine); 0: torch's default")
+
+
+def _nonneg_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = _parse_int(text)
+        except ValueError:
+            v = -1
+        if not 0 <= v <= 1024:
+            raise CLIError(f"{flag}: expected an integer in [0, 1024], got {text!r}")
+        return v
+
+    return parse
 
 
 def _set_threads(args) -> None:
@@ -95,48 +372,152 @@ def _set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _cmd_train(args) -> int:
-    import os
+def _config_error(e: ConfigError, args) -> CLIError:
+    return CLIError(e.format(_namer(args)))
 
-    from .training import TrainConfig, train
 
+def _check_device(cfg: TrainConfig, name: Callable[[str], str]) -> None:
+    """The device and the backend exist on this machine."""
+    import torch
+
+    from .ops import available_backends
+
+    dev = cfg.device
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"{name('device')} {dev}: no CUDA device is visible here; use --device cpu (or auto)", 1)
+        k = int(dev.split(":")[1]) if ":" in dev else 0
+        if k >= torch.cuda.device_count():
+            raise CLIError(f"{name('device')} {dev}: only {torch.cuda.device_count()} CUDA device(s) visible", 1)
+    on = "cuda" if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.backend != "auto":
+        info = available_backends().get(cfg.backend, {})
+        if not info.get("available"):
+            raise CLIError(f"{name('backend')} {cfg.backend}: not available here ({info.get('reason', '?')}); "
+                           "use --backend auto", 1)
+        if on not in info.get("devices", ()):
+            raise CLIError(f"{name('backend')} {cfg.backend} runs on {', '.join(info['devices'])} tensors, but the "
+                           f"run is on {on} ({name('device')} {dev})", 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    shards = args.shards if args.shards is not None else world
-    d = TrainConfig()
-    progressive = args.progressive if args.progressive is not None else (None if args.num_steps else d.progressive)
-    num_steps = args.num_steps if args.num_steps is not None else d.num_steps
-    cfg = TrainConfig(
-        data=args.data, out=args.out, num_steps=num_steps, progressive=progressive, grid=args.grid,
-        diffusion=args.diffusion, t_start=args.t_start, t_end=args.t_end, time_exponent=args.time_exponent,
-        hidden=args.hidden, depth=args.depth, gradient=args.gradient, backend=args.backend, dtype=args.dtype,
-        batch_size=args.batch_size, iters=args.iters, lr=args.lr, lr_decay=args.lr_decay,
-        lr_decay_every=args.lr_decay_every, ema=args.ema, clip=args.clip, seed=args.seed, shards=shards,
-        holdout=args.holdout, eval_every=args.eval_every, eval_samples=args.eval_samples,
-        final_samples=args.final_samples, final_ode=args.final_ode, ckpt_every=args.ckpt_every, eval_seed=args.eval_seed,
-        eval_lam=args.eval_lam,
-    )
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if cfg.shards % world:
+        raise CLIError(f"{name('shards')} {cfg.shards}: must be a multiple of the number of processes ({world})")
+
+
+def _train_plan(args) -> tuple[TrainConfig, Any, str | None]:
+    """Everything ``train`` is asked to do, checked: (config, checkpoint or None, data kind)."""
+    explicit = _explicit(args, TrainConfig)
+    name = _namer(args)
+    ck = None
+    if args.resume:
+        from .checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.resume)
+        stored = ck.extra.get("train_config")
+        if not isinstance(stored, dict):
+            raise CLIError(f"--resume {args.resume}: not a training checkpoint (no training config)", 1)
+        if args.data is not None and args.data != stored.get("data"):
+            raise CLIError(f"DATA {args.data!r} contradicts the checkpoint (trained on {stored.get('data')!r}); "
+                           "omit it with --resume")
+        try:
+            cfg = resume_config(stored, explicit)
+        except ConfigError as e:
+            raise _config_error(e, args) from None
+        step = int(ck.step)
+        if cfg.iters <= step:
+            raise CLIError(f"{name('iters')} {cfg.iters}: the checkpoint is at step {step} already; give a larger "
+                           "total (--iters is the total, not the number of further steps)")
+        return cfg, ck, None
+    data = args.data if args.data is not None else TrainConfig().data
+    kind = _data_kind(data, explicit, name)
+    if "shards" not in explicit:
+        explicit["shards"] = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = resolve_config(kind, {**explicit, "data": data})
+    except ConfigError as e:
+        raise _config_error(e, args) from None
+    return cfg, None, kind
+
+
+def _data_kind(spec: str, explicit: dict[str, Any], name: Callable[[str], str]) -> str:
+    """The kind of the data ("points", "tabular", "image"): from the registry for a name (nothing loaded), by
+    opening the file otherwise; options that the source would ignore are errors."""
+    from .data import get_data_source
+    from .data.base import _ALIASES, DATA_SOURCES
+
+    key = _ALIASES.get(spec.lower(), spec.lower())
+    entry = DATA_SOURCES.get(key)
+    if entry is not None and not Path(spec).exists():
+        if "holdout" in explicit:
+            why = "is generated (its held-out set is a fresh draw)" if entry.kind == "points" else "has fixed splits"
+            raise CLIError(f"{name('holdout')}: applies to point files, arrays and PNG folders; {key} {why}")
+        if "data_dir" in explicit and not entry.needs_dir:
+            raise CLIError(f"{name('data_dir')}: {key} reads no files (only sources such as mnist, cifar10 or power "
+                           "do)")
+        return entry.kind
+    if "data_dir" in explicit:
+        raise CLIError(f"{name('data_dir')}: applies to named data sources (mnist, cifar10, power, ...), not to the "
+                       f"file {spec}")
+    options = dict(explicit.get("data_options", {}))
+    if "holdout" in explicit:
+        options["holdout"] = explicit["holdout"]
+    return get_data_source(spec, seed=explicit.get("seed", 0), **options).kind
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    cfg, ck, _kind = _train_plan(args)
+    name = _namer(args)
+    _check_device(cfg, name)
+    summary = train(cfg, resume=str(ck.path) if ck is not None else None, overwrite=args.overwrite,
+                    progress=not args.no_progress)
     if summary.get("metrics") is not None:
         print(json.dumps({k: summary[k] for k in ("out", "step", "train_seconds", "iters_per_second")}
                          | {"metrics": summary["metrics"]}, indent=2))
     return 0
 
 
+# ----------------------------------------------------------------------------- sample
+
+
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Draw samples from a trained model; writes a .npy file and a picture.")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("-n", "--n", type=int, default=5000, help="number of samples")
-    p.add_argument("--lam", type=float, default=None,
-                   help="lambda of the marginal-equivalent SDE (1: DiffFlow's backward SDE, 0: probability-flow "
-                        "ODE; default: the run's --eval-lam)")
-    p.add_argument("-N", "--num-steps", type=int, default=None, help="sampling steps (default: trained N)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--out", default=None, help="output .npy (default: <run>/samples_seed<seed>.npy)")
-    p.add_argument("--png", default=None, help="picture path (default: next to --out; 'none' to skip)")
+    p.add_argument("--overwrite", "--force", action="store_true", help="replace existing output files")
     _threads_arg(p)
+    _add_fields(p, SampleOptions)
     p.set_defaults(func=_cmd_sample)
+
+
+def _sample_targets(o: SampleOptions, run_dir: Path, typed: dict[str, str],
+                    overwrite: bool) -> tuple[Path, Path | None]:
+    """The .npy and picture paths of ``diffflow sample``, checked before any work."""
+    out_flag, png_flag = typed.get("out", "--out"), typed.get("png", "--png")
+    default_name = f"samples_seed{o.seed}.npy"
+    if o.out is None:
+        out = run_dir / default_name
+    else:
+        out = Path(o.out)
+        if out.is_dir() or o.out.endswith(("/", os.sep)):
+            out = out / default_name
+        elif out.suffix.lower() != ".npy":
+            raise CLIError(f"{out_flag} {o.out}: expected a .npy file or an existing folder")
+    _refuse_existing(out, out_flag, overwrite)
+    if o.png is None:
+        png = out.with_suffix(".png")
+        flag = f"the picture next to {out_flag} (or {png_flag} none)"
+    else:
+        png, flag = Path(o.png), png_flag
+        if png.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise CLIError(f"{png_flag} {o.png}: expected a .png (or .pdf/.svg/.jpg) file, or none")
+    if png.resolve() == out.resolve():
+        raise CLIError(f"{png_flag} {o.png}: the same file as {out_flag}")
+    if o.png is None and png.exists() and not overwrite:
+        raise CLIError(f"{png} exists ({flag}); pass --overwrite to replace it, or choose another path", 1)
+    _refuse_existing(png, png_flag, overwrite)
+    return out, png
 
 
 def _cmd_sample(args) -> int:
@@ -144,65 +525,106 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import load_checkpoint
-    from .training.data import DataSource
 
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
+    o = SampleOptions(**_explicit(args, SampleOptions))
+    typed = getattr(args, "_typed", {}) or {}
     ck = load_checkpoint(args.checkpoint)
+    run_dir = ck.path.parent
+    png_off = "png" in typed and o.png is None
+    out, png = _sample_targets(o, run_dir, typed, args.overwrite)
+    if png_off:
+        png = None
     model = ck.build_model(use_ema=not args.no_ema)
-    if args.lam is None:
-        args.lam = float(ck.extra.get("train_config", {}).get("eval_lam", 1.0))
-    z = model.sample(args.n, lam=args.lam, num_steps=args.num_steps, generator=torch.Generator().manual_seed(args.seed))
-    z = z.double().numpy().reshape(args.n, -1)
-    data = ck.extra.get("data")
-    if data is not None:
-        from .training.data import Standardizer
-
-        x = Standardizer(data["mean"], data["std"]).to_data(z)
-    else:
-        x = z
-    out = Path(args.out) if args.out else ck.path.parent / f"samples_seed{args.seed}.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, x.astype(np.float32))
-    msg = {"samples": str(out), "n": args.n, "lam": args.lam, "num_steps": args.num_steps or model.num_steps}
-    if args.png != "none":
-        from . import plotting
-
-        png = Path(args.png) if args.png else out.with_suffix(".png")
-        title = f"{args.n} samples, lam={args.lam}"
-        if data is not None:
-            src = DataSource.from_state(data) if data["kind"] == "toy" or Path(data["name"]).exists() else None
-            if src is not None:
-                res = None
-                if src.toy is not None and src.toy.sharp:
-                    res = {"fraction_in_support": float(src.toy.contains(x).mean())}
-                    msg.update(res)
-                plotting.samples_vs_data(x, src.heldout(min(args.n, 20000)), png, title=title, metrics=res)
-            else:
-                plotting.plot_points(x, png, title)
-        else:
-            plotting.plot_points(x, png, title)
-        msg["picture"] = str(png)
+    numel = math.prod(model.data_shape)
+    if o.n * numel > 2**31:
+        raise CLIError(f"{typed.get('n', '-n')} {o.n}: {o.n} samples of {numel} values each exceed 2^31 values; "
+                       "draw them in several runs with different --seed")
+    lam = o.lam if o.lam is not None else float(ck.extra.get("train_config", {}).get("eval_lam", 1.0))
+    z = model.sample(o.n, lam=lam, num_steps=o.num_steps, generator=torch.Generator().manual_seed(o.seed))
+    if not torch.isfinite(z).all():
+        raise CLIError(f"sampling produced non-finite values (lam={lam}, steps={o.num_steps or model.num_steps}); "
+                       "nothing was written", 1)
+    src = _data_source(ck)
+    x = _to_data_space(ck, src, z)
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32)
+    msg: dict[str, Any] = {"samples": str(out), "n": o.n, "lam": lam, "num_steps": o.num_steps or model.num_steps}
+    targets = [out] + ([png] if png is not None else [])
+    with _staged(targets) as tmps:
+        buf = io.BytesIO()
+        np.save(buf, x)
+        tmps[0].write_bytes(buf.getvalue())
+        if png is not None:
+            msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, lam={lam}", o.n))
+            msg["picture"] = str(png)
     print(json.dumps(msg, indent=2))
     return 0
 
 
+def _data_source(ck):
+    """The run's data source rebuilt from the checkpoint, or None when its files are gone (sampling still works:
+    the transform is stored in the checkpoint)."""
+    from .data import data_source_from_state
+
+    state = ck.extra.get("data")
+    if not isinstance(state, dict):
+        return None
+    try:
+        return data_source_from_state(state)
+    except (ValueError, OSError):
+        return None
+
+
+def _to_data_space(ck, src, z):
+    """Model samples -> data space (numpy): the source's transform, else the one stored in the checkpoint."""
+    import numpy as np
+
+    z = z.detach().cpu()
+    if src is not None:
+        return src.to_data(z).numpy()
+    state = ck.extra.get("data") if isinstance(ck.extra.get("data"), dict) else {}
+    if isinstance(state.get("transform"), dict):
+        from .data.base import Transform
+
+        return Transform.from_state(state["transform"]).to_data(z).numpy()
+    z = z.double().numpy()
+    if "mean" in state and "std" in state:
+        return z.reshape(len(z), -1) * np.asarray(state["std"]) + np.asarray(state["mean"])
+    return z
+
+
+def _sample_picture(src, x, path: Path, title: str, n: int) -> dict:
+    """Draw the samples (beside held-out data when the data is at hand); returns metrics it computed."""
+    from . import plotting
+
+    res: dict[str, Any] = {}
+    if x.ndim > 2:  # images
+        grid = getattr(plotting, "image_grid", None) or getattr(plotting, "sample_grid", None)
+        if grid is None:
+            raise CLIError("no picture for image samples in this version; pass --png none", 1)
+        grid(x, path, title=title)
+        return res
+    if src is None:
+        plotting.plot_points(x, path, title)
+        return res
+    if src.support is not None:
+        res["fraction_in_support"] = float(src.contains(x).mean())
+    held = src.heldout(min(n, 20000)).numpy()
+    plotting.samples_vs_data(x, held, path, title=title, metrics=res or None)
+    return res
+
+
+# ----------------------------------------------------------------------------- eval
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model on held-out data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Evaluate a trained model: sample quality and likelihoods on held-out data.")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--data", default=None,
-                   help="held-out data: dataset name or .npy/.csv file (default: the run's held-out data)")
-    p.add_argument("--n-samples", type=int, default=None, help="model samples (default: as in training)")
-    p.add_argument("--n-heldout", type=int, default=5000)
-    p.add_argument("--n-nll", type=int, default=2000, help="held-out points for the negative ELBO")
-    p.add_argument("--n-ode", type=int, default=None,
-                   help="held-out points for the ODE log-likelihood (0: skip; default: as in training)")
-    p.add_argument("--lam", type=float, default=None, help="sampler lambda (default: the run's --eval-lam)")
-    p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's --eval-seed)")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--json", default=None, help="also write the metrics to this file")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--overwrite", "--force", action="store_true", help="replace an existing --json file")
     _threads_arg(p)
+    _add_fields(p, EvalOptions)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -210,52 +632,87 @@ def _cmd_eval(args) -> int:
     from .checkpoint import atomic_write_text, load_checkpoint
     from .metrics import evaluate_checkpoint
 
+    o = EvalOptions(**_explicit(args, EvalOptions))
+    typed = getattr(args, "_typed", {}) or {}
+    if o.json is not None:
+        _refuse_existing(Path(o.json), typed.get("json", "--json"), args.overwrite)
     tc = load_checkpoint(args.checkpoint).extra.get("train_config", {})
-    n_samples = args.n_samples if args.n_samples is not None else int(tc.get("final_samples", 5000))
-    n_ode = args.n_ode if args.n_ode is not None else int(tc.get("final_ode", 500))
-    lam = args.lam if args.lam is not None else float(tc.get("eval_lam", 1.0))
+    n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))
+    n_ode = o.n_ode if o.n_ode is not None else int(tc.get("final_ode", 500))
+    lam = o.lam if o.lam is not None else float(tc.get("eval_lam", 1.0))
     res = evaluate_checkpoint(
-        args.checkpoint, data=args.data, n_samples=n_samples, n_heldout=args.n_heldout, n_nll=args.n_nll,
-        n_ode=n_ode, lam=lam, seed=args.seed, use_ema=not args.no_ema, ode=n_ode > 0,
+        args.checkpoint, data=o.data, n_samples=n_samples, n_heldout=o.n_heldout, n_nll=o.n_nll,
+        n_ode=n_ode, lam=lam, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0,
     )
     text = json.dumps(res, indent=2)
-    if args.json:
-        atomic_write_text(args.json, text + "\n")
+    if o.json:
+        atomic_write_text(o.json, text + "\n")
     print(text)
     return 0
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="diffflow", description="Diffusion Normalizing Flow (DiffFlow) for PyTorch.")
+    p = _Parser(prog="diffflow", description="Diffusion Normalizing Flow (DiffFlow) for PyTorch.", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"diffflow_ext {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval}", parser_class=_Parser)
     _train_parser(sub)
     _sample_parser(sub)
     _eval_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    from .checkpoint import CheckpointError
-    from .data import DataFileError, UnknownDatasetError
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, KeyError) and text.startswith(("'", '"')) and text.endswith(("'", '"')):
+        text = text[1:-1]
+    return text
 
+
+# library exceptions that describe a user's mistake (their message is the error); anything else is a bug
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, FloatingPointError, MemoryError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    prog = "diffflow"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        prog = f"diffflow {args.command}"
         _set_threads(args)
         return int(args.func(args) or 0)
-    except (CheckpointError, DataFileError, UnknownDatasetError, FileExistsError, FileNotFoundError,
-            ValueError, FloatingPointError) as e:
-        print(f"diffflow {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except CLIError as e:
+        if debug:
+            raise
+        print(f"{e.prog or prog}: error: {_one_line(e)}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print(f"diffflow {args.command}: interrupted", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the one place where errors become one line
+        if debug:
+            raise
+        from .checkpoint import CheckpointError
+
+        known = isinstance(e, (*_USER_ERRORS, CheckpointError)) or type(e).__module__.startswith("diffflow_ext")
+        msg = _one_line(e)
+        if not known:
+            msg = f"{type(e).__name__}: {msg} (unexpected; rerun with {DEBUG_ENV}=1 for the traceback and report it)"
+        elif isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

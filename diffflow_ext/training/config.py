@@ -1,132 +1,352 @@
-"""Training configuration: :class:`TrainConfig` (every option of ``diffflow train``) and its validation.
+"""Training configuration: :class:`TrainConfig` (every option of ``diffflow train``), its validation and
+the per-data-kind presets.
 
 The lowest layer of :mod:`diffflow_ext.training`: imports nothing from the trainer. Each field is one
-option; ``__post_init__`` checks every value and reports all problems in one ``ValueError``.
+option and carries its command-line description in ``field.metadata`` (flags, help, choices taken from the
+library's own constants, bounds, group, whether it may change on ``--resume``); :mod:`diffflow_ext.cli`
+builds ``diffflow train`` from it, so nothing is restated by hand. Validation reports every problem at once
+in a :class:`ConfigError` whose issues name the fields involved (the CLI turns them into the flags the user
+typed).
+
+Defaults come in three layers: the dataclass defaults < ``PRESETS[kind]`` for the kind of data
+(``"points"``: 2-D toys and point files, ``"tabular"``, ``"image"``) < what the user set
+(:func:`resolve_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..model import GRADIENT_MODES
+from ..ops.backends import BACKENDS
+from ..schedules import GRIDS
 
-__all__ = ["TrainConfig", "parse_progressive", "DTYPES", "PRECISIONS", "DEVICE_PATTERN"]
+__all__ = [
+    "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "DATA_KINDS", "resolve_config", "resume_config",
+    "parse_progressive", "parse_memory_budget", "DTYPES", "PRECISIONS", "DEVICE_PATTERN", "MAX_NUM_STEPS",
+    "option_fields", "resumable_fields", "GROUPS",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: mixed-precision modes: the networks run under ``torch.autocast`` in this dtype; states stay float32
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:K``
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+#: the largest number of SDE steps a run may use (the adjoint keeps N+1 states; the paper uses N <= 100)
+MAX_NUM_STEPS = 10_000
+DATA_KINDS = ("points", "tabular", "image")
+
+_MAX_SEED = 2**32 - 1
+_MAX_COUNT = 10**9
+
+
+# ----------------------------------------------------------------------------- option metadata
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range; ``integer`` ranges hold ints only, every range holds finite numbers only."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+
+    def contains(self, v: object) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.integer and not isinstance(v, int):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        what = "an integer" if self.integer else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"{what} in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return what
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def _int(lo: int, hi: int = _MAX_COUNT) -> Range:
+    return Range(lo, hi, integer=True)
+
+
+def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Callable[[], Sequence[str]] | None = None,
+           range: Range | None = None, group: str = "model / SDE", resume: bool = False, metavar: str | None = None,
+           parse: Callable[[str], Any] | None = None, nullable: bool = False, cli: bool = True):
+    """A config field with its command-line description.
+
+    ``flags``: extra option strings besides ``--field-name`` (e.g. ``("-b",)``); ``choices``: a callable
+    returning the valid values (evaluated late, so registries can grow); ``range``: numeric bounds;
+    ``resume``: may differ from the checkpoint's value on ``--resume``; ``parse``: text -> value for the CLI;
+    ``nullable``: ``None`` is valid (typed as ``none``).
+    """
+    if isinstance(default, (dict, list)):
+        factory = type(default)
+        kw = {"default_factory": lambda: factory(default)}
+    else:
+        kw = {"default": default}
+    meta = {"help": help, "flags": tuple(flags), "choices": choices, "range": range, "group": group,
+            "resume": resume, "metavar": metavar, "parse": parse, "nullable": nullable, "cli": cli}
+    return field(metadata=meta, **kw)
+
+
+def option_fields(cls: type = None) -> list[dataclasses.Field]:
+    """The fields of ``cls`` (default :class:`TrainConfig`) that are options."""
+    return [f for f in dataclasses.fields(cls or TrainConfig) if "help" in f.metadata]
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem with a configuration: the fields involved and a message in which ``{field}`` placeholders
+    stand for how each field is named (the field name in Python, the flag the user typed on the CLI)."""
+
+    fields: tuple[str, ...]
+    text: str
+
+    def format(self, name: Callable[[str], str] = str) -> str:
+        return self.text.format(**{f: name(f) for f in self.fields})
+
+
+class ConfigError(ValueError):
+    """Invalid options; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: Sequence[Issue], prefix: str = "invalid training options"):
+        self.issues, self.prefix = list(issues), prefix
+        super().__init__(self.format())
+
+    def format(self, name: Callable[[str], str] = str) -> str:
+        return f"{self.prefix}: " + "; ".join(i.format(name) for i in self.issues)
+
+
+def check_field(f: dataclasses.Field, value: Any) -> Issue | None:
+    """The issue with ``value`` for field ``f`` (bounds, choices), or None."""
+    m = f.metadata
+    if value is None:
+        return None if m.get("nullable") else Issue((f.name,), f"{{{f.name}}}: a value is required")
+    if m.get("choices") is not None:
+        valid = tuple(m["choices"]())
+        if value not in valid:
+            return Issue((f.name,), f"{{{f.name}}}: expected one of {', '.join(map(str, valid))}, got {value!r}")
+    if m.get("range") is not None and not m["range"].contains(value):
+        return Issue((f.name,), f"{{{f.name}}}: expected {m['range'].describe()}, got {value!r}")
+    return None
+
+
+# ----------------------------------------------------------------------------- parsers of textual values
+
+
+def parse_progressive(spec: str) -> tuple[int, int, int]:
+    """``"START:END[:WARMUP]"`` -> (start, end, warmup_iters); warm-up defaults to 1000 iterations."""
+    parts = str(spec).split(":")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        vals = []
+    if (len(vals) not in (2, 3) or vals[0] < 1 or vals[1] < vals[0] or vals[1] > MAX_NUM_STEPS
+            or (len(vals) == 3 and not 0 <= vals[2] <= _MAX_COUNT)):
+        raise ValueError(f"progressive: expected START:END or START:END:WARMUP_ITERS with 1 <= START <= END <= "
+                         f"{MAX_NUM_STEPS}, or none, got {spec!r}")
+    return vals[0], vals[1], vals[2] if len(vals) == 3 else 1000
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(text: str) -> float:
+    """``"0.5"`` (a fraction of free memory), ``"4e9"``, ``"512MB"``, ``"2GiB"`` (bytes) -> a float."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    try:
+        value = float(m.group(1)) * _UNITS[unit] if m and unit in _UNITS else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (0 < value <= 1 or 2**20 <= value <= 2**60)) or (unit and value < 2**20):
+        raise ValueError(f"memory_budget: expected bytes (at least 1MiB, e.g. 2GiB, 512MB, 4e9) or a fraction in "
+                         f"(0, 1] of free memory, got {text!r}")
+    return value
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return None if str(text).strip().lower() in ("", "none", "off") else str(text)
+
+
+# ----------------------------------------------------------------------------- the config
+
+_D, _M, _O, _E = "data", "model / SDE", "optimisation", "evaluation / output"
+#: the order of the option groups in ``diffflow train --help``
+GROUPS = (_D, _M, _O, _E)
+
+
+def _network_names() -> Sequence[str]:
+    from ..networks import network_names
+
+    return network_names()
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> (key, value); the value is read as JSON when it is valid JSON (numbers, true/false,
+    null, lists), else taken as a string (``pad_to=32`` -> 32, ``layout=nchw`` -> "nchw")."""
+    key, sep, raw = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise ValueError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite value for {key}, got {raw!r}")
+    return key, value
+
+
+def _data_sources() -> Sequence[str]:
+    return ()
 
 
 @dataclass
 class TrainConfig:
-    """All training options (the CLI flags of ``diffflow train``); JSON-able, stored in checkpoints."""
+    """All training options (the flags of ``diffflow train``); JSON-able, stored in checkpoints."""
 
-    data: str = "checkerboard"
-    out: str | None = None
+    data: str = option("checkerboard", "data source name or a file/folder", cli=False, group=_D)
+    data_dir: str | None = option(None, "folder holding the files of a named data source (mnist, cifar10, power, "
+                                        "...); nothing is ever downloaded", nullable=True, metavar="DIR", group=_D,
+                                  resume=True)
+    data_options: dict = option({}, "an option of the data source, e.g. pad_to=32 (mnist), levels=16 (arrays); "
+                                     "repeatable", flags=("--data-option",), metavar="KEY=VALUE", group=_D,
+                                parse=parse_key_value)
+    holdout: float = option(0.1, "held-out fraction of a point file (the test split)", group=_D,
+                            range=Range(0, 1, hi_open=True))
+    out: str | None = option(None, "output folder (default: runs/<data>[-k])", group=_E, resume=True, nullable=True,
+                             metavar="DIR")
     # model / SDE
-    num_steps: int = 30
-    progressive: str | None = "10:30:800"  # "START:END[:WARMUP]"; None: fixed num_steps
-    grid: str = "fixed"
-    diffusion: float = 0.2
-    t_start: float = 1e-3
-    t_end: float = 0.05
-    time_exponent: float = 0.9
-    hidden: int = 64
-    depth: int = 3
-    time_dim: int = 32
-    gradient: str = "adjoint"
-    backend: str = "auto"
-    dtype: str = "float32"
-    precision: str = "fp32"
-    memory_budget: float | None = None
-    device: str = "auto"
+    num_steps: int = option(30, "fixed number of SDE steps N (turns the progressive schedule off)", flags=("-N",),
+                            range=_int(1, MAX_NUM_STEPS))
+    progressive: str | None = option(
+        "10:30:800", "progressive N, rising from START to END over WARMUP iterations (default 1000); none: fixed N",
+        metavar="START:END[:WARMUP]", nullable=True, parse=_parse_optional_str)
+    grid: str = option("fixed", "time grid of training (flexible: interior points redrawn every batch)",
+                       choices=lambda: GRIDS)
+    diffusion: float = option(0.2, "diffusion coefficient g", flags=("--g",), range=Range(0, 1e3, lo_open=True))
+    t_start: float = option(1e-3, "first time of the grid", range=Range(0, 1e3, lo_open=True))
+    t_end: float = option(0.05, "last time of the grid (> --t-start)", range=Range(0, 1e3, lo_open=True))
+    time_exponent: float = option(0.9, "grid exponent e: linspace(t_start^e, t_end^e)^(1/e)",
+                                  range=Range(0, 100, lo_open=True))
+    network: str = option("mlp", "network of the drift and the score (a registered name)", choices=_network_names)
+    network_options: dict = option({}, "an argument of the network, e.g. base_width=32 (see the network's "
+                                        "docs); repeatable", flags=("--network-option",), metavar="KEY=VALUE",
+                                   parse=parse_key_value)
+    hidden: int = option(64, "MLP width (--network mlp)", flags=("--width",), range=_int(1, 65536))
+    depth: int = option(3, "MLP hidden layers (--network mlp)", range=_int(1, 64))
+    time_dim: int = option(32, "width of the MLP's sinusoidal time embedding (--network mlp)", range=_int(2, 4096))
+    gradient: str = option("adjoint", "how gradients are computed", choices=lambda: GRADIENT_MODES)
+    backend: str = option("auto", "step-op backend (see diffflow_ext.available_backends())", choices=lambda: BACKENDS)
+    dtype: str = option("float32", "dtype of the model and the states", choices=lambda: tuple(DTYPES))
+    precision: str = option("fp32", "mixed precision of the networks (states and step ops stay float32)",
+                            choices=lambda: tuple(PRECISIONS))
+    memory_budget: float | None = option(
+        None, "memory for the gradient computation: bytes (2GiB, 512MB) or a fraction in (0, 1] of free memory",
+        nullable=True, parse=parse_memory_budget, metavar="BYTES|FRACTION")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:K", resume=True,
+                         metavar="DEVICE")
     # optimisation
-    batch_size: int = 1024
-    iters: int = 2000
-    lr: float = 5e-3
-    lr_decay: float = 0.95
-    lr_decay_every: int = 100
-    ema: float = 0.995
-    clip: float = 1.0
-    seed: int = 0
-    shards: int = 1
-    holdout: float = 0.1
+    batch_size: int = option(1024, "global batch size", flags=("-b",), group=_O, range=_int(1, 2**24))
+    iters: int = option(2000, "total training iterations (on --resume: the new total)", group=_O, resume=True,
+                        range=_int(1))
+    lr: float = option(5e-3, "learning rate (Adam)", group=_O, range=Range(0, 10, lo_open=True))
+    lr_decay: float = option(0.95, "step decay factor of the learning rate", group=_O, range=Range(0, 1, lo_open=True))
+    lr_decay_every: int = option(100, "iterations between decays (0: off)", group=_O, range=_int(0))
+    ema: float = option(0.995, "EMA decay of the weights (0: off)", group=_O, range=Range(0, 1, hi_open=True))
+    clip: float = option(1.0, "gradient-norm clipping (0: off)", group=_O, range=Range(0, 1e12))
+    seed: int = option(0, "seed of the data stream, the noise and the initialisation", group=_O,
+                       range=_int(0, _MAX_SEED))
+    shards: int = option(1, "noise streams the batch is split into (default: number of processes); equal shards "
+                            "make runs with different process counts identical", group=_O, range=_int(1, 65536))
     # evaluation / output
-    eval_every: int = 500
-    eval_samples: int = 2000
-    final_samples: int = 5000
-    final_ode: int = 500
-    eval_lam: float = 0.5
-    ckpt_every: int = 0
-    eval_seed: int = 1234
-    log_every: int = 50
-    tensorboard: bool = False
+    eval_every: int = option(500, "iterations between evaluations (0: off)", group=_E, resume=True, range=_int(0))
+    eval_samples: int = option(2000, "model samples per evaluation", group=_E, resume=True, range=_int(1, 10**7))
+    final_samples: int = option(5000, "samples for the final evaluation", group=_E, resume=True, range=_int(1, 10**7))
+    final_ode: int = option(500, "held-out points for the final ODE log-likelihood (0: skip)", group=_E, resume=True,
+                            range=_int(0, 10**7))
+    eval_lam: float = option(
+        0.5, "lambda of the sampler used by evaluations, pictures and 'diffflow sample' (1: DiffFlow's backward SDE, "
+             "0: probability-flow ODE)", group=_E, resume=True, range=Range(0, 100))
+    ckpt_every: int = option(0, "iterations between checkpoints (0: at the end only)", group=_E, resume=True,
+                             range=_int(0))
+    eval_seed: int = option(1234, "seed of the evaluations", group=_E, resume=True, range=_int(0, _MAX_SEED))
+    log_every: int = option(50, "iterations between records in log.jsonl", group=_E, resume=True, range=_int(1))
+    tensorboard: bool = option(False, "also write TensorBoard scalars (needs the tensorboard package)", group=_E,
+                               resume=True)
 
     def __post_init__(self) -> None:
-        errs = []
-        for k in ("num_steps", "hidden", "depth", "batch_size", "shards", "time_dim", "eval_samples", "final_samples",
-                  "log_every"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                errs.append(f"{k} must be a positive integer, got {v!r}")
-        for k in ("iters", "eval_every", "ckpt_every", "lr_decay_every", "final_ode"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                errs.append(f"{k} must be a non-negative integer, got {v!r}")
-        if not self.lr > 0:
-            errs.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            errs.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 <= self.ema < 1:
-            errs.append(f"ema must be in [0, 1) (0 disables), got {self.ema}")
-        if not self.clip >= 0:
-            errs.append(f"clip must be >= 0 (0 disables), got {self.clip}")
-        if not self.diffusion > 0:
-            errs.append(f"diffusion (g) must be > 0, got {self.diffusion}")
-        if not self.eval_lam >= 0:
-            errs.append(f"eval_lam must be >= 0, got {self.eval_lam}")
-        if not 0 <= self.holdout < 1:
-            errs.append(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.grid not in ("fixed", "flexible"):
-            errs.append(f"grid must be 'fixed' or 'flexible', got {self.grid!r}")
-        if self.gradient not in GRADIENT_MODES:
-            errs.append(f"gradient must be one of {list(GRADIENT_MODES)}, got {self.gradient!r}")
-        if self.dtype not in DTYPES:
-            errs.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.precision not in PRECISIONS:
-            errs.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.precision != "fp32" and self.dtype != "float32":
-            errs.append(f"precision {self.precision!r} needs dtype 'float32' (the states), got {self.dtype!r}")
+        if isinstance(self.progressive, str):
+            self.progressive = _parse_optional_str(self.progressive)
+        issues = self.issues()
+        if issues:
+            raise ConfigError(issues)
+
+    def issues(self) -> list[Issue]:
+        """Every problem with this configuration (empty when valid)."""
+        out = [i for f in option_fields(type(self)) if (i := check_field(f, getattr(self, f.name))) is not None]
+        bad = {n for i in out for n in i.fields}
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
-            errs.append(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:K', got {self.device!r}")
-        if self.memory_budget is not None and not (self.memory_budget > 0 and math.isfinite(self.memory_budget)):
-            errs.append(f"memory_budget must be > 0 (bytes, or a fraction in (0, 1] of free memory), "
-                        f"got {self.memory_budget!r}")
-        if self.batch_size % self.shards:
-            errs.append(f"batch_size ({self.batch_size}) must be divisible by shards ({self.shards})")
-        if isinstance(self.progressive, str) and self.progressive.strip().lower() in ("", "none", "off"):
-            self.progressive = None
-        if self.progressive is not None:
+            out.append(Issue(("device",), f"{{device}}: expected auto, cpu, cuda or cuda:K, got {self.device!r}"))
+        if self.memory_budget is not None:
+            try:
+                parse_memory_budget(str(float(self.memory_budget)))
+            except (TypeError, ValueError) as e:
+                out.append(Issue(("memory_budget",), "{memory_budget}" + str(e)[len("memory_budget"):]))
+        for k in ("data_options", "network_options"):
+            v = getattr(self, k)
+            if not isinstance(v, dict) or not all(isinstance(x, str) and x.isidentifier() for x in v):
+                out.append(Issue((k,), f"{{{k}}}: expected a dict of name -> value, got {v!r}"))
+        if self.network != "mlp" and "network" not in bad:
+            mlp_only = [k for k in ("hidden", "depth", "time_dim") if getattr(self, k) != _DEFAULTS[k]]
+            if mlp_only:
+                out.append(Issue(("network", *mlp_only), f"{', '.join('{' + k + '}' for k in mlp_only)} set the MLP's "
+                                 f"size, but {{network}} is {self.network}; use --network-option"))
+        if not bad & {"batch_size", "shards"} and self.batch_size % self.shards:
+            out.append(Issue(("batch_size", "shards"),
+                             f"{{batch_size}} ({self.batch_size}) must be divisible by {{shards}} ({self.shards})"))
+        if not bad & {"t_start", "t_end"} and not self.t_start < self.t_end:
+            out.append(Issue(("t_start", "t_end"), f"{{t_start}} ({self.t_start}) must be < {{t_end}} ({self.t_end})"))
+        if not bad & {"precision", "dtype"} and self.precision != "fp32" and self.dtype != "float32":
+            out.append(Issue(("precision", "dtype"),
+                             f"{{precision}} {self.precision} needs {{dtype}} float32 (the states), got {self.dtype}"))
+        if self.progressive is not None and "progressive" not in bad:
             try:
                 parse_progressive(self.progressive)
             except ValueError as e:
-                errs.append(str(e))
-        if errs:
-            raise ValueError("invalid training options: " + "; ".join(errs))
+                out.append(Issue(("progressive",), "{progressive}" + str(e)[len("progressive"):]))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: Mapping) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -142,14 +362,88 @@ class TrainConfig:
         return parse_progressive(self.progressive)[1] if self.progressive else self.num_steps
 
 
-def parse_progressive(spec: str) -> tuple[int, int, int]:
-    """``"START:END[:WARMUP]"`` -> (start, end, warmup_iters); warm-up defaults to 1000 iterations."""
-    parts = str(spec).split(":")
-    try:
-        vals = [int(p) for p in parts]
-    except ValueError:
-        vals = []
-    if len(vals) not in (2, 3) or vals[0] < 1 or vals[1] < vals[0] or (len(vals) == 3 and vals[2] < 0):
-        raise ValueError(
-            f"progressive must look like START:END or START:END:WARMUP_ITERS with 1 <= START <= END, got {spec!r}")
-    return vals[0], vals[1], vals[2] if len(vals) == 3 else 1000
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+# ----------------------------------------------------------------------------- presets per kind of data
+
+#: Defaults per kind of data, over the dataclass defaults (field name -> value). Q owns the "points" values,
+#: U the "image" values; keys must be TrainConfig fields (checked at import).
+PRESETS: dict[str, dict[str, Any]] = {
+    "points": {},
+    "tabular": {"progressive": None, "num_steps": 30, "hidden": 256, "depth": 3, "batch_size": 512,
+                "holdout": 0.1},
+    "image": {"progressive": None, "num_steps": 30, "batch_size": 128, "lr": 2e-4, "lr_decay_every": 0,
+              "ema": 0.999, "eval_lam": 1.0, "final_ode": 0},
+}
+
+
+def _check_presets() -> None:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for kind, preset in PRESETS.items():
+        unknown = set(preset) - names
+        if kind not in DATA_KINDS or unknown:
+            raise RuntimeError(f"PRESETS[{kind!r}]: unknown kind or fields {sorted(unknown)}")
+
+
+_check_presets()
+
+
+def resolve_config(kind: str, explicit: Mapping[str, Any]) -> TrainConfig:
+    """The configuration of a new run: dataclass defaults < ``PRESETS[kind]`` < ``explicit`` (what the user set).
+
+    Setting ``num_steps`` without ``progressive`` means a fixed N; setting both (progressive not none)
+    contradicts itself and is an error.
+    """
+    if kind not in PRESETS:
+        raise ValueError(f"kind: expected one of {', '.join(PRESETS)}, got {kind!r}")
+    conflicts = explicit_conflicts(explicit)
+    if conflicts:
+        raise ConfigError(conflicts, "conflicting options")
+    values = {**PRESETS[kind], **explicit}
+    if "num_steps" in explicit and "progressive" not in explicit:
+        values["progressive"] = None
+    return TrainConfig(**values)
+
+
+def explicit_conflicts(explicit: Mapping[str, Any]) -> list[Issue]:
+    """Options set together that contradict each other (one of them would be ignored)."""
+    out = []
+    prog = explicit.get("progressive")
+    if "num_steps" in explicit and isinstance(prog, str) and _parse_optional_str(prog) is not None:
+        out.append(Issue(("num_steps", "progressive"),
+                         "{num_steps} fixes N while {progressive} makes it grow; give one of them "
+                         "(the progressive schedule ends at its END)"))
+    if explicit.get("lr_decay_every") == 0 and "lr_decay" in explicit:
+        out.append(Issue(("lr_decay", "lr_decay_every"), "{lr_decay} has no effect with {lr_decay_every} 0"))
+    if explicit.get("eval_every") == 0 and "eval_samples" in explicit:
+        out.append(Issue(("eval_samples", "eval_every"), "{eval_samples} has no effect with {eval_every} 0"))
+    return out
+
+
+def resumable_fields() -> tuple[str, ...]:
+    """Options that may differ from the checkpoint's on ``--resume`` (length, output, reporting, device)."""
+    return tuple(f.name for f in option_fields() if f.metadata["resume"])
+
+
+def resume_config(stored: Mapping[str, Any], explicit: Mapping[str, Any]) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's ``stored`` config with the options that may change
+    on resume (``resume=True`` in their metadata: length, output, evaluation, device) taken from ``explicit``.
+    Any other option that differs from the checkpoint is an error (it would be silently ignored)."""
+    fields = {f.name: f for f in option_fields()}
+    base = TrainConfig.from_dict(stored)
+    issues = []
+    for k, v in explicit.items():
+        f = fields.get(k)
+        if f is None or f.metadata["resume"]:
+            continue
+        if k == "progressive" and isinstance(v, str):
+            v = _parse_optional_str(v)
+        if getattr(base, k) != v:
+            issues.append(Issue((k,), f"{{{k}}} {v!r} contradicts the checkpoint ({getattr(base, k)!r})"))
+    if issues:
+        may = ", ".join(f"{{{n}}}" for n in sorted(n for n, f in fields.items() if f.metadata["resume"]))
+        issues.append(Issue(tuple(n for n, f in fields.items() if f.metadata["resume"]),
+                            f"on resume only {may} may change"))
+        raise ConfigError(issues, "options contradict the checkpoint")
+    changes = {k: v for k, v in explicit.items() if k in fields and fields[k].metadata["resume"]}
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,254 @@
+"""Issue 10 at the CLI surface: every bad input ends in ONE line on stderr naming the flag the user typed, a
+non-zero exit, and nothing written or replaced; conflicts are errors; user files are never replaced.
+
+All cases run the CLI in-process (``diffflow_ext.cli.main``); the usage errors are found while parsing, so
+they cost milliseconds. The few that need a trained run share one tiny run (module fixture)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffflow_ext.cli import main
+
+TINY = ["--iters", "2", "-b", "32", "--hidden", "8", "--depth", "1", "-N", "3", "--final-samples", "100",
+        "--final-ode", "0", "--eval-every", "0", "--no-progress"]
+
+
+def _run(argv, capsys):
+    """(exit status, stderr lines) of ``diffflow *argv``."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if line.strip()]
+
+
+def _tree(d: Path) -> dict[str, str]:
+    """Every file under ``d`` with its content hash (to show that nothing was written or replaced)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(rc, lines, *, flag: str, code: int | None = None):
+    assert rc != 0, lines
+    if code is not None:
+        assert rc == code, (rc, lines)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    assert flag in lines[0], (flag, lines[0])
+    assert lines[0].startswith("diffflow")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_errors") / "run"
+    assert main(["train", "checkerboard", "--out", str(out), *TINY]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- train: bad values
+
+BAD_TRAIN = [
+    (["-b", "0"], "-b", "batch_size"),
+    (["--batch-size", "abc"], "--batch-size", "batch_size"),
+    (["-N", "100000000"], "-N", "num_steps"),
+    (["--num-steps", "0"], "--num-steps", "num_steps"),
+    (["--eval-seed", "-1"], "--eval-seed", "eval_seed"),
+    (["--shards", "0"], "--shards", None),
+    (["--lr", "inf"], "--lr", None),
+    (["--lr", "nan"], "--lr", None),
+    (["--lr", "-1"], "--lr", None),
+    (["--g", "0"], "--g", "diffusion"),
+    (["--ema", "1"], "--ema", None),
+    (["--holdout", "1.5"], "--holdout", None),
+    (["--grid", "wobbly"], "--grid", None),
+    (["--gradient", "magic"], "--gradient", None),
+    (["--backend", "mine"], "--backend", None),
+    (["--dtype", "float16"], "--dtype", None),
+    (["--progressive", "30:10"], "--progressive", None),
+    (["--progressive", "5:100000000"], "--progressive", None),
+    (["--iters", "0"], "--iters", None),
+    (["--iters", "1.5"], "--iters", None),
+    (["--final-ode", "-3"], "--final-ode", "final_ode"),
+    (["--eval-lam", "inf"], "--eval-lam", "eval_lam"),
+    (["--device", "gpu"], "--device", None),
+    (["--precision", "fp8"], "--precision", None),
+    (["--memory-budget", "lots"], "--memory-budget", "memory_budget"),
+    (["--threads", "-2"], "--threads", None),
+    (["-b", "8", "-b", "16"], "-b", None),
+    (["-b", "63", "--shards", "2"], "-b", "batch_size"),
+    (["--t-start", "0.1", "--t-end", "0.05"], "--t-start", "t_start"),
+    (["-N", "20", "--progressive", "5:30"], "--progressive", None),
+    (["--no-such-option", "1"], "--no-such-option", None),
+]
+
+
+@pytest.mark.parametrize("args,flag,field", BAD_TRAIN, ids=[" ".join(a) for a, _, _ in BAD_TRAIN])
+def test_train_bad_option_is_one_line_naming_the_flag(tmp_path, capsys, args, flag, field):
+    os.chdir(tmp_path)  # the default output folder (runs/...) would land here
+    rc, lines = _run(["train", "--out", tmp_path / "out", *args], capsys)
+    _one_line_error(rc, lines, flag=flag, code=2)
+    if field is not None:
+        assert field not in lines[0]  # the flag the user typed, not the config field's name
+    assert list(tmp_path.iterdir()) == []  # nothing written (no out folder, no runs/)
+
+
+def test_both_flags_of_a_conflict_are_named(tmp_path, capsys):
+    rc, lines = _run(["train", "--out", tmp_path / "o", "-N", "20", "--progressive", "5:30"], capsys)
+    _one_line_error(rc, lines, flag="-N", code=2)
+    assert "--progressive" in lines[0]
+    rc, lines = _run(["train", "--out", tmp_path / "o", "--lr-decay", "0.5", "--lr-decay-every", "0"], capsys)
+    _one_line_error(rc, lines, flag="--lr-decay", code=2)
+    # -N with --progressive none is consistent (a fixed N), not a conflict
+    from diffflow_ext.training.config import resolve_config
+
+    assert resolve_config("points", {"num_steps": 20, "progressive": "none"}).max_steps() == 20
+
+
+def test_error_names_long_flag_when_typed_long(tmp_path, capsys):
+    rc, lines = _run(["train", "--out", tmp_path / "o", "--batch-size", "0"], capsys)
+    _one_line_error(rc, lines, flag="--batch-size", code=2)
+    assert "-b:" not in lines[0] and "-b " not in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("args,flag", [(["--backend", "cuda"], "--backend"), (["--device", "cuda"], "--device"),
+                                       (["--device", "cuda:3"], "--device")])
+def test_gpu_options_without_gpu(tmp_path, capsys, args, flag):
+    rc, lines = _run(["train", "--out", tmp_path / "o", *args, *TINY], capsys)
+    _one_line_error(rc, lines, flag=flag, code=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    rc, lines = _run(["train", "--out", blocker / "run", *TINY], capsys)
+    _one_line_error(rc, lines, flag="--out")
+    assert blocker.read_text() == "mine"
+    if os.geteuid() != 0:  # root may write into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            rc, lines = _run(["train", "--out", ro / "run", *TINY], capsys)
+            _one_line_error(rc, lines, flag="--out")
+            assert list(ro.iterdir()) == []
+        finally:
+            ro.chmod(0o700)
+
+
+def test_train_never_overwrites_its_data_file(tmp_path, capsys):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    pts = np.random.default_rng(0).normal(size=(200, 2))
+    np.save(data / "samples.npy", pts)
+    before = _tree(data)
+    rc, lines = _run(["train", data / "samples.npy", "--out", data, *TINY], capsys)
+    _one_line_error(rc, lines, flag="--out")
+    rc, lines = _run(["train", data / "samples.npy", "--out", data, "--overwrite", *TINY], capsys)
+    _one_line_error(rc, lines, flag="--out")
+    assert _tree(data) == before
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_contradicting_options(run_dir, capsys):
+    before = _tree(run_dir)
+    ck = run_dir / "checkpoint.safetensors"
+    rc, lines = _run(["train", "--resume", ck, "--iters", "4", "--hidden", "128", "--lr", "0.5"], capsys)
+    _one_line_error(rc, lines, flag="--hidden", code=2)
+    assert "--lr" in lines[0] and "--iters" in lines[0]  # says what may change
+    rc, lines = _run(["train", "moons", "--resume", ck, "--iters", "4"], capsys)
+    _one_line_error(rc, lines, flag="DATA", code=2)
+    rc, lines = _run(["train", "--resume", ck, "--iters", "2"], capsys)  # already at step 2
+    _one_line_error(rc, lines, flag="--iters", code=2)
+    assert _tree(run_dir) == before
+
+
+# ----------------------------------------------------------------------------- sample / eval outputs
+
+
+def test_sample_refuses_existing_files_unless_overwrite(run_dir, tmp_path, capsys):
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.arange(3))
+    pic = tmp_path / "pic.png"
+    pic.write_bytes(b"not a picture")
+    before = _tree(tmp_path)
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", mine, "--png", "none"], capsys)
+    _one_line_error(rc, lines, flag="--out", code=1)
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", tmp_path / "new.npy", "--png", pic], capsys)
+    _one_line_error(rc, lines, flag="--png", code=1)
+    # the default picture next to --out is a user's file too
+    (tmp_path / "new.png").write_bytes(b"user")
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", tmp_path / "new.npy"], capsys)
+    _one_line_error(rc, lines, flag="--out", code=1)
+    (tmp_path / "new.png").unlink()
+    assert _tree(tmp_path) == before
+    assert main(["sample", str(run_dir), "-n", "10", "--out", str(mine), "--png", "none", "--overwrite"]) == 0
+    assert np.load(mine).shape == (10, 2)
+
+
+def test_sample_out_dir_writes_inside(run_dir, tmp_path, capsys):
+    d = tmp_path / "folder"
+    d.mkdir()
+    assert main(["sample", str(run_dir), "-n", "10", "--seed", "3", "--out", str(d)]) == 0
+    assert (d / "samples_seed3.npy").is_file() and (d / "samples_seed3.png").is_file()
+    assert not (tmp_path / "folder.npy").exists()
+    info = json.loads(capsys.readouterr().out)
+    assert info["samples"] == str(d / "samples_seed3.npy")
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", tmp_path / "x.txt"], capsys)
+    _one_line_error(rc, lines, flag="--out", code=2)
+
+
+@pytest.mark.parametrize("args,flag", [(["--lam", "inf"], "--lam"), (["--lam", "-1"], "--lam"),
+                                       (["-n", "0"], "-n"), (["-N", "100000000"], "-N"), (["--seed", "-5"], "--seed")])
+def test_sample_bad_values(run_dir, tmp_path, capsys, args, flag):
+    rc, lines = _run(["sample", run_dir, "--out", tmp_path / "s.npy", *args], capsys)
+    _one_line_error(rc, lines, flag=flag, code=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_json_refuses_existing_file(run_dir, tmp_path, capsys):
+    j = tmp_path / "m.json"
+    j.write_text("keep me")
+    rc, lines = _run(["eval", run_dir, "--json", j, "--n-samples", "50", "--n-ode", "0", "--n-nll", "20"], capsys)
+    _one_line_error(rc, lines, flag="--json", code=1)
+    assert j.read_text() == "keep me"
+    assert main(["eval", str(run_dir), "--json", str(j), "--n-samples", "50", "--n-ode", "0", "--n-nll", "20",
+                 "--overwrite"]) == 0
+    assert json.loads(j.read_text())["step"] == 2
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    for cmd in ("sample", "eval"):
+        rc, lines = _run([cmd, tmp_path / "nope"], capsys)
+        _one_line_error(rc, lines, flag=str(tmp_path / "nope"), code=1)
+    rc, lines = _run(["train", "--resume", tmp_path / "nope"], capsys)
+    _one_line_error(rc, lines, flag=str(tmp_path / "nope"), code=1)
+
+
+# ----------------------------------------------------------------------------- the top-level handler
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_it(monkeypatch, capsys):
+    import diffflow_ext.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something broke\ninside")
+
+    monkeypatch.setattr(cli, "_cmd_eval", boom)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    rc, lines = _run(["eval", "x"], capsys)
+    _one_line_error(rc, lines, flag="something broke inside", code=1)
+    assert cli.DEBUG_ENV in lines[0]
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="something broke"):
+        main(["eval", "x"])
