@@ -240,10 +240,10 @@ class DiffFlow(nn.Module):
         """Per-sample grids ``(B, N+1)`` in float64 (fixed, or flexible when ``grid="flexible"``)."""
         n = self.num_steps if num_steps is None else check_num_steps(num_steps)
         grid = self.grid if grid is None else _choice("grid", grid, GRIDS)
-        base = polynomial_grid(n, self.t_start, self.t_end, self.time_exponent)
+        base = polynomial_grid(n, self.t_start, self.t_end, self.time_exponent, device=device)
         if grid == "flexible":
-            return flexible_grid(base, batch_size, generator).to(device)
-        return base.to(device).expand(batch_size, n + 1)  # one row shared by the batch (stride 0)
+            return flexible_grid(base, batch_size, generator)
+        return base.expand(batch_size, n + 1)  # one row shared by the batch (stride 0)
 
     def step_coefficients(self, t64: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """``(t, dt, g)`` of a ``(B, N+1)`` float64 grid: network times in ``dtype``, ``dt`` ``(B, N)`` and ``g``

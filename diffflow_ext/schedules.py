@@ -64,7 +64,7 @@ def flexible_grid(grid: Tensor, batch_size: int, generator: torch.Generator | No
         lo = 0.5 * (grid[:-2] + grid[1:-1])
         hi = 0.5 * (grid[1:-1] + grid[2:])
         u = torch.rand((batch_size, n - 1), generator=generator, dtype=torch.float64,
-                       device=generator.device if generator is not None else "cpu")
+                       device=generator.device if generator is not None else grid.device)
         out[:, 1:-1] = (lo + (hi - lo) * u.to(device=grid.device, dtype=grid.dtype))
     return out
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from diffflow_ext import DiffFlow, TimeMLP
+from diffflow_ext.gradients import CHECKPOINT_SCHEDULES, check_memory_budget, make_plan
 
 
 def _grads(model, x0, seed, mode):
@@ -68,3 +71,150 @@ def test_fixed_drift_model_trains_and_samples(mode):
     assert final < first - 0.5  # the score learns: the transition terms fall
     x = model.sample(256, generator=torch.Generator().manual_seed(5))
     assert x.shape == (256, 2) and torch.isfinite(x).all()
+
+
+# ----------------------------------------------------------------------------- "auto": every budget, every schedule
+def _mlp_model(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("diffusion", [0.2, 0.35, 0.25, 0.4, 0.15, 0.3, 0.22])
+    m = DiffFlow.mlp(3, hidden=16, depth=2, num_steps=6, backend="torch", **kw).double()
+    for p in m.parameters():  # non-trivial networks (the default output layer starts at zero)
+        nn.init.normal_(p, std=0.4)
+    return m
+
+
+@pytest.mark.parametrize("schedule", CHECKPOINT_SCHEDULES)
+@pytest.mark.parametrize("grid", ["fixed", "flexible"])
+def test_auto_equals_autograd_for_every_budget(schedule, grid):
+    """float64, relative 1e-9, for budgets from nothing kept to everything kept (the plans say which)."""
+    model = _mlp_model(checkpoint_schedule=schedule, grid=grid)
+    x0 = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    lb, gb, xb = _grads(model, x0, 7, "autograd")
+    kept = set()
+    for budget in (0, 1, 150_000, 200_000, 260_000, 330_000, 1.0, None):
+        model.memory_budget = budget
+        la, ga, xa = _grads(model, x0, 7, "auto")
+        kept.add(model.last_gradient_plan["kept"])
+        assert abs(la - lb) <= 1e-12 * abs(lb)
+        for a, b in zip(ga, gb):
+            assert b.abs().sum() > 0
+            assert (a - b).norm() <= 1e-9 * b.norm(), budget
+        assert (xa - xb).norm() <= 1e-9 * xb.norm()
+    assert 0 in kept and 7 in kept and len(kept) >= 4, kept  # the budgets really span the range of plans
+
+
+def test_plans_keep_what_the_budget_allows():
+    G, work = 1000, 300
+    for schedule in CHECKPOINT_SCHEDULES:
+        assert make_plan(31, schedule, math.inf, G, work).num_kept == 31
+        assert make_plan(31, schedule, 0.0, G, work).num_kept == 0
+        assert make_plan(31, schedule, 31 * G + work, G, work).num_kept == 31
+    end = make_plan(31, "end", 10 * G + work, G, work)
+    assert end.keep == [False] * 21 + [True] * 10  # the states the backward walk visits first
+    uni = make_plan(31, "uniform", 10 * G + work, G, work)
+    assert uni.num_kept == 9 and uni.keep[-1]  # one recomputed graph coexists with the kept ones
+    idx = [i for i, k in enumerate(uni.keep) if k]
+    gaps = [b - a for a, b in zip(idx, idx[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced
+    assert 0 < end.recompute_fraction() < 1 and make_plan(31, "end", 0.0, G, work).recompute_fraction() == 1.0
+
+
+@pytest.mark.parametrize("value,ok", [
+    (None, None), (0, 0), (2**30, 2**30), (0.25, 0.25), (1.0, 1.0), (float("inf"), None), (3e9, 3_000_000_000),
+    (-1, "memory_budget"), (-0.5, "memory_budget"), (float("nan"), "memory_budget"), ("2GB", "memory_budget"),
+    (True, "memory_budget"),
+])
+def test_memory_budget_argument(value, ok):
+    if isinstance(ok, str):
+        with pytest.raises(ValueError, match=ok):
+            check_memory_budget(value)
+        with pytest.raises(ValueError, match=ok):
+            DiffFlow.mlp(2, memory_budget=value)
+    else:
+        assert check_memory_budget(value) == ok
+
+
+def test_auto_with_no_limit_calls_each_network_once_and_adjoint_twice():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = TimeMLP(2, 8, 1, zero_init=False), 0
+
+        def forward(self, x, t):
+            self.calls += 1
+            return self.net(x, t)
+
+    for gradient, budget, factor in (("auto", None, 1), ("adjoint", None, 2), ("auto", 0, 2)):
+        drift, score = Counting(), Counting()
+        model = DiffFlow(drift, score, (2,), num_steps=5, gradient=gradient, memory_budget=budget)
+        model.loss(torch.randn(4, 2)).backward()
+        assert (drift.calls, score.calls) == (6 * factor, 5 * factor)
+
+
+# ----------------------------------------------------------------------------- recomputation = first pass
+class DropoutNet(nn.Module):
+    def __init__(self, dim=3, p=0.3):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(dim + 1, 32), nn.Linear(32, dim), nn.Dropout(p)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.a(torch.cat([x, t[:, None].to(x.dtype)], 1)))
+        return self.b(self.drop(h)) + 0.1 * torch.rand_like(x)  # dropout and a second RNG use
+
+
+@pytest.mark.parametrize("gradient,budget", [("adjoint", None), ("auto", 0), ("auto", 100_000), ("auto", None)])
+@pytest.mark.parametrize("seeded", [True, False])
+def test_dropout_recomputation_matches_autograd(gradient, budget, seeded):
+    """The backward walk replays the first pass's RNG state: same masks, autograd's gradients. With no
+    generator the walk's noise comes from the global RNG too, which must not be disturbed either."""
+    torch.manual_seed(0)
+    model = DiffFlow(DropoutNet(), DropoutNet(), (3,), num_steps=6, backend="torch", memory_budget=budget).double()
+    x0 = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(mode):
+        model.gradient = mode
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        gen = torch.Generator().manual_seed(5) if seeded else None
+        loss = model.loss(x0, gen)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], torch.rand(3)  # RNG after the step
+
+    lb, gb, rb = run("autograd")
+    la, ga, ra = run(gradient)
+    if gradient == "auto" and budget == 100_000:
+        assert 0 < model.last_gradient_plan["kept"] < 7
+    assert abs(la - lb) <= 1e-12 * abs(lb)
+    for a, b in zip(ga, gb):
+        assert (a - b).norm() <= 1e-9 * b.norm()
+    assert torch.equal(ra, rb)  # the RNG stream after the iteration is the same as with autograd
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self, dim=3):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(dim + 1, 16), nn.BatchNorm1d(16), nn.Linear(16, dim)
+
+    def forward(self, x, t):
+        return self.b(torch.tanh(self.bn(self.a(torch.cat([x, t[:, None].to(x.dtype)], 1)))))
+
+
+@pytest.mark.parametrize("gradient,budget", [("adjoint", None), ("auto", 0), ("auto", 45_000)])
+def test_batchnorm_running_stats_updated_once(gradient, budget):
+    def fresh():
+        torch.manual_seed(0)
+        return DiffFlow(BatchNormNet(), BatchNormNet(), (3,), num_steps=5, backend="torch", gradient=gradient,
+                        memory_budget=budget).double()
+
+    x0 = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref, model = fresh(), fresh()
+    ref.gradient = "autograd"
+    for m in (ref, model):
+        m.loss(x0, torch.Generator().manual_seed(2)).backward()
+    for (name, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), name
+    assert int(model.drift.bn.num_batches_tracked) == 6  # once per state (N + 1)
+    if budget == 45_000:
+        assert 0 < model.last_gradient_plan["kept"] < 6
+    for a, b in zip(model.parameters(), ref.parameters()):  # (the bias before the norm has an exactly-zero grad)
+        assert (a.grad - b.grad).norm() <= 1e-9 * b.grad.norm() + 1e-14

@@ -14,7 +14,6 @@ from .memory import (
     available_memory,
     check_memory_budget,
     make_plan,
-    parse_memory_budget,
     resolve_memory_budget,
 )
 from .walk import RngSnapshot, Walk, WalkResult, call_network, forward_walk, frozen_running_stats, running_stat_modules
@@ -36,7 +35,6 @@ __all__ = [
     "forward_walk",
     "frozen_running_stats",
     "make_plan",
-    "parse_memory_budget",
     "resolve_memory_budget",
     "running_stat_modules",
 ]

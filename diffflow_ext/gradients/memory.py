@@ -2,8 +2,8 @@
 
 A *budget* is what one training iteration may spend on saved network activations (the networks' autograd
 graphs) beyond what the stochastic adjoint always holds: the states ``x_0..x_N`` (``(N+1) B D`` elements).
-It is given as bytes (an ``int``), as a fraction in ``(0, 1]`` of the memory free at the time of the call
-(CUDA: free device memory plus the allocator's cached but unused blocks; CPU: ``MemAvailable`` of
+It is given as bytes (an ``int``, or a float above 1), as a fraction in ``(0, 1]`` of the memory free at the
+time of the call (CUDA: free device memory plus the allocator's cached but unused blocks; CPU: ``MemAvailable`` of
 ``/proc/meminfo``), or ``None`` for no limit.
 
 A *plan* says, for each state ``i = 0..N``, whether the networks' graphs made in the forward walk are kept
@@ -26,54 +26,29 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CHECKPOINT_SCHEDULES", "check_memory_budget", "parse_memory_budget", "resolve_memory_budget",
+__all__ = ["CHECKPOINT_SCHEDULES", "check_memory_budget", "resolve_memory_budget",
            "available_memory", "Plan", "make_plan"]
 
 CHECKPOINT_SCHEDULES = ("end", "uniform")
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def check_memory_budget(value: object, name: str = "memory_budget") -> int | float | None:
-    """Validate a budget: ``None`` (no limit), bytes (an ``int >= 0``) or a fraction (a ``float`` in ``(0, 1]``)."""
+    """Validate a budget: ``None`` (no limit), bytes (an ``int >= 0``, or a float > 1) or a fraction of free
+    memory (a float in ``(0, 1]``). Returns None, an int of bytes or a float fraction."""
+    expected = "expected bytes (an int >= 0), a fraction of free memory in (0, 1] or None"
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected bytes (an int >= 0), a fraction of free memory in (0, 1] or None, "
-                         f"got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: {expected}, got {type(value).__name__} {value!r}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{name}: expected bytes >= 0, got {value}")
+            raise ValueError(f"{name}: {expected}, got {value}")
         return value
-    if isinstance(value, float):
-        if math.isinf(value) and value > 0:
-            return None
-        if not (0.0 < value <= 1.0):
-            raise ValueError(f"{name}: a float is a fraction of free memory and must lie in (0, 1], got {value!r} "
-                             "(pass bytes as an int, e.g. 2 * 2**30)")
-        return value
-    raise ValueError(f"{name}: expected bytes (an int >= 0), a fraction of free memory in (0, 1] or None, "
-                     f"got {type(value).__name__} {value!r}")
-
-
-def parse_memory_budget(text: str, name: str = "--memory-budget") -> int | float | None:
-    """A budget from text: ``"none"``/``"inf"`` (no limit), ``"0.25"`` (a fraction), ``"512MiB"``, ``"2GB"``,
-    ``"1e9"`` (bytes). For command lines."""
-    s = str(text).strip().lower().replace(" ", "")
-    if s in ("none", "inf", "unlimited"):
+    if math.isinf(value) and value > 0:
         return None
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
-    try:
-        v = float(num)
-    except ValueError:
-        v = float("nan")
-    if unit not in _UNITS or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name}: expected a fraction of free memory in (0, 1], a size such as 512MiB or 2GB, "
-                         f"or 'none'; got {text!r}")
-    if unit == "" and "." in num and v <= 1.0 and "e" not in num:
-        return check_memory_budget(v, name)
-    return check_memory_budget(int(v * _UNITS[unit]), name)
+    if not value > 0 or math.isnan(value):
+        raise ValueError(f"{name}: {expected}, got {value!r}")
+    return value if value <= 1.0 else int(value)
 
 
 def available_memory(device: torch.device) -> int:

@@ -153,16 +153,19 @@ def running_stat_modules(nets: Iterable[nn.Module]) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def frozen_running_stats(modules: list[nn.Module]) -> Iterator[None]:
-    """Run a recomputation without changing the running statistics a first pass already updated."""
+    """Run a recomputation without changing the running statistics a first pass already updated: the layers see
+    copies of their buffers (which autograd may save for backward), and get the originals back afterwards."""
     if not modules:
         yield
         return
     names = ("running_mean", "running_var", "num_batches_tracked")
-    saved = [(m, [(n, getattr(m, n).clone()) for n in names if getattr(m, n, None) is not None]) for m in modules]
+    saved = [(m, [(n, getattr(m, n)) for n in names if getattr(m, n, None) is not None]) for m in modules]
+    for m, bufs in saved:
+        for n, v in bufs:
+            setattr(m, n, v.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, bufs in saved:
-                for n, v in bufs:
-                    getattr(m, n).copy_(v)
+        for m, bufs in saved:
+            for n, v in bufs:
+                setattr(m, n, v)
