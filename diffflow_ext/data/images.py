@@ -24,7 +24,9 @@ training images when ``val > 0``, the usual 50000/10000 MNIST validation split w
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -200,30 +202,63 @@ def _as_uint8(a: np.ndarray, name: str, levels: int) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.uint8))
 
 
+def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _check_array_sizes(p: Path) -> None:
+    """Refuse an array whose header claims more data than the file holds, before anything is allocated."""
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                for info in z.infolist():
+                    with z.open(info) as fh:
+                        shape, dtype = _npy_header(fh)
+                    if math.prod(shape) * dtype.itemsize > info.file_size:
+                        raise DataSourceError(f"{p}: array {info.filename} claims shape {shape} ({dtype}), more "
+                                              f"than its {info.file_size} bytes (truncated or forged header)")
+        else:
+            with open(p, "rb") as fh:
+                shape, dtype = _npy_header(fh)
+            if math.prod(shape) * dtype.itemsize > p.stat().st_size:
+                raise DataSourceError(f"{p}: header claims shape {shape} ({dtype}), more than the file's "
+                                      f"{p.stat().st_size} bytes (truncated or forged header)")
+    except DataSourceError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataSourceError(f"{p}: not a readable .npy/.npz array file ({str(e)[:120]})") from None
+
+
 def array_image_source(path: str | os.PathLike, *, seed: int = 0, holdout: float = 0.1, levels: int = 256,
                        layout: str = "auto") -> ImageSource:
     """Images from a ``.npy`` array or a ``.npz`` archive (``train`` [+ ``test``, ``val``] or a single array);
     never unpickles."""
     p = Path(path)
     name = str(p.resolve())
+    _check_array_sizes(p)
     try:
         loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = list(loaded.files)
+                if "train" in keys:
+                    arrays = {k: loaded[k] for k in ("train", "val", "test") if k in keys}
+                elif len(keys) == 1:
+                    arrays = {"all": loaded[keys[0]]}
+                else:
+                    raise DataSourceError(f"{p}: a .npz with several arrays needs one called 'train' (and "
+                                          f"optionally 'test', 'val'); found {keys}")
+        else:
+            arrays = {"all": loaded}
+    except DataSourceError:
+        raise
     except ValueError as e:
         raise DataSourceError(f"{p}: not a numeric array file ({e}); pickled/object arrays are refused") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataSourceError(f"{p}: cannot read ({e})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.files)
-            if "train" in keys:
-                arrays = {k: loaded[k] for k in ("train", "val", "test") if k in keys}
-            elif len(keys) == 1:
-                arrays = {"all": loaded[keys[0]]}
-            else:
-                raise DataSourceError(f"{p}: a .npz with several arrays needs one called 'train' (and optionally "
-                                      f"'test', 'val'); found {keys}")
-    else:
-        arrays = {"all": loaded}
     t = {k: _as_uint8(to_nchw(v, f"{p.name}[{k}]", layout), f"{p.name}[{k}]", levels) for k, v in arrays.items()}
     shapes = {tuple(v.shape[1:]) for v in t.values()}
     if len(shapes) != 1:

@@ -66,12 +66,12 @@ def points_source(points, name: str, *, seed: int = 0, holdout: float = 0.1, kin
                       info={"test_is_train": n_hold == 0, "holdout": float(holdout)})
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+def _npy_ndim(path: Path) -> int | None:
+    from .images import _npy_header
+
     try:
         with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            shape, _, dtype = np.lib.format._read_array_header(fh, version)  # header only, no data read
-        return tuple(shape), np.dtype(dtype)
+            return len(_npy_header(fh)[0])  # header only, no data read
     except Exception:  # noqa: BLE001 -- let the real loader produce the precise error
         return None
 
@@ -90,8 +90,8 @@ def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> Da
     if ext == ".npz":
         return array_image_source(p, seed=seed, **options)
     if ext == ".npy":
-        head = _npy_header(p)
-        if head is not None and len(head[0]) >= 3:
+        ndim = _npy_ndim(p)
+        if ndim is not None and ndim >= 3:
             return array_image_source(p, seed=seed, **options)
     unknown = set(options) - {"holdout"}
     if unknown:
