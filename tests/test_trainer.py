@@ -224,11 +224,11 @@ def test_overwrite_replaces_a_previous_run_completely(tmp_path):
 
 def test_train_step_matches_a_hand_written_step():
     """``train_step`` with one shard == zero_grad / loss / backward / clip / Adam step / scheduler / EMA."""
-    from diffflow_ext.training.data import DataSource
+    from diffflow_ext.data import get_data_source
     from diffflow_ext.training.distributed import DistContext
 
     cfg = TrainConfig(**{**TINY, "dtype": "float64"})
-    data = DataSource.build("checkerboard", seed=0)
+    data = get_data_source("checkerboard")
     a = build_state(cfg, data, DistContext(), [0])
     b = build_state(cfg, data, DistContext(), [0])
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -249,11 +249,11 @@ def test_train_step_matches_a_hand_written_step():
 
 
 def test_train_step_with_two_shards_averages_the_shard_losses():
-    from diffflow_ext.training.data import DataSource
+    from diffflow_ext.data import get_data_source
     from diffflow_ext.training.distributed import DistContext
 
     cfg = TrainConfig(**{**TINY, "dtype": "float64", "shards": 2, "clip": 0.0})
-    data = DataSource.build("checkerboard", seed=0)
+    data = get_data_source("checkerboard")
     a = build_state(cfg, data, DistContext(), [0, 1])
     b = build_state(cfg, data, DistContext(), [0, 1])
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import signal
@@ -31,9 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import DTYPES, PRECISIONS, TrainConfig
-from .data import DataSource
 from .distributed import DistContext, local_shards, setup
 from .ema import EMA
 from .run import CHECKPOINT_NAME, RunFolder, choose_out_dir
@@ -83,23 +83,40 @@ def _fmt(x: float) -> str:
 # ----------------------------------------------------------------------------- construction
 
 
-def build_model(cfg: TrainConfig, dim: int, device: torch.device):
+def build_data(cfg: TrainConfig):
+    """The run's :class:`~diffflow_ext.data.DataSource` (a registered name or a path; ``--data-dir``)."""
+    from ..data import get_data_source
+
+    options = dict(getattr(cfg, "data_options", None) or {})
+    if Path(str(cfg.data)).exists():  # files and folders are split at random: --holdout applies
+        options.setdefault("holdout", cfg.holdout)
+    return get_data_source(cfg.data, data_dir=getattr(cfg, "data_dir", None), seed=cfg.seed, **options)
+
+
+def network_arguments(cfg: TrainConfig) -> tuple[str, dict]:
+    """``(network name, its keyword arguments)``: ``--network`` with ``--network-option``s; the MLP's width,
+    depth and time embedding come from ``--hidden/--depth/--time-dim``."""
+    name = getattr(cfg, "network", "mlp")
+    kwargs = dict(getattr(cfg, "network_options", None) or {})
+    if name == "mlp":
+        kwargs = {"hidden": cfg.hidden, "depth": cfg.depth, "time_dim": cfg.time_dim, **kwargs}
+    return name, kwargs
+
+
+def build_model(cfg: TrainConfig, shape: tuple[int, ...], device: torch.device):
+    """The DiffFlow of a run on samples of ``shape`` (initialised from ``cfg.seed``), on ``device``."""
     from ..model import DiffFlow
 
     torch.manual_seed(cfg.seed)
     kwargs: dict[str, Any] = dict(
-        hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim, num_steps=cfg.max_steps(), t_start=cfg.t_start,
-        t_end=cfg.t_end, time_exponent=cfg.time_exponent, diffusion=cfg.diffusion, gradient=cfg.gradient,
-        backend=cfg.backend, grid=cfg.grid,
+        num_steps=cfg.max_steps(), t_start=cfg.t_start, t_end=cfg.t_end, time_exponent=cfg.time_exponent,
+        diffusion=cfg.diffusion, gradient=cfg.gradient, backend=cfg.backend, grid=cfg.grid,
+        autocast_dtype=PRECISIONS[cfg.precision],
     )
-    if cfg.precision != "fp32":
-        kwargs["autocast_dtype"] = PRECISIONS[cfg.precision]
     if cfg.memory_budget is not None:
         kwargs["memory_budget"] = cfg.memory_budget
-    try:
-        model = DiffFlow.mlp(dim, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"this model does not support the requested options ({e})") from None
+    name, net_kwargs = network_arguments(cfg)
+    model = DiffFlow.from_networks(name, tuple(shape), net_kwargs, **kwargs)
     return model.to(device=device, dtype=DTYPES[cfg.dtype])
 
 
@@ -109,8 +126,9 @@ def noise_generators(cfg: TrainConfig, shards: list[int], device: torch.device) 
             for k in shards}
 
 
-def build_state(cfg: TrainConfig, data: DataSource, ctx: DistContext, shards: list[int]) -> TrainState:
-    model = build_model(cfg, data.dim, ctx.device)
+def build_state(cfg: TrainConfig, data, ctx: DistContext, shards: list[int]) -> TrainState:
+    """Model, optimizer, LR schedule, EMA, grad scaler and generators of a new run on ``data``."""
+    model = build_model(cfg, data.shape, ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step_size = max(1, cfg.lr_decay_every) if cfg.lr_decay_every else 10**12
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=cfg.lr_decay)
@@ -216,12 +234,14 @@ def train(
     final_eval: bool = True,
     pictures: bool = True,
     hooks: Sequence[Callable[[TrainState, StepStats], None]] = (),
+    source=None,
 ) -> dict:
     """Train; writes ``checkpoint.safetensors``, ``metrics.json``, pictures and ``log.jsonl`` under the
     output folder. Returns a summary dict (``out``, ``step``, ``metrics``, timings).
 
     ``hooks``: callables ``hook(state, stats)`` run on every process after each completed step (after the
-    built-in logging, checkpointing and evaluation of that step).
+    built-in logging, checkpointing and evaluation of that step). ``source``: the data source of ``cfg``
+    when the caller already built it (saves loading it twice); ignored on ``resume`` (the checkpoint's).
     Errors (bad options, data, checkpoint, output folder) are raised before anything is written.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -244,20 +264,24 @@ def train(
     ctx = setup(cfg.device)
     try:
         return _train(cfg, ctx, ck, resume=resume, overwrite=overwrite, progress=progress, log=log,
-                      final_eval=final_eval, pictures=pictures, hooks=tuple(hooks))
+                      final_eval=final_eval, pictures=pictures, hooks=tuple(hooks), source=source)
     finally:
         ctx.close()
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progress, log, final_eval, pictures,
-           hooks) -> dict:
+           hooks, source) -> dict:
     from ..model import DiffFlow
 
     shards = local_shards(cfg.shards, ctx.rank, ctx.world)
     # validate the data and the output folder before anything is created on disk
-    data = DataSource.from_state(ck.extra["data"]) if ck else DataSource.build(cfg.data, seed=cfg.seed,
-                                                                               holdout=cfg.holdout)
-    inputs = (data.name,) if data.toy is None else ()
+    if ck is not None:
+        from ..data import data_source_from_state
+
+        data = data_source_from_state(ck.extra["data"], data_dir=getattr(cfg, "data_dir", None))
+    else:
+        data = source if source is not None else build_data(cfg)
+    inputs = tuple(n for n in (data.name, str(cfg.data)) if Path(n).is_file())
     out = None
     if ctx.is_main:
         out_path, continuing = choose_out_dir(cfg.out, data=cfg.data if not ck else data.name, resume=resume,
@@ -335,9 +359,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                     interrupted = True
                     break
                 N = schedule(state.step)
-                x = data.standardizer.to_model(data.train_batch(cfg.batch_size, state.data_rng))
+                # every process draws the global batch (one data stream, as in a single process) and keeps its shards
+                x = data.train_batch(cfg.batch_size, state.data_rng, device=ctx.device, dtype=dtype)
                 lo = shards[0] * (cfg.batch_size // cfg.shards)
-                x = torch.from_numpy(x[lo:lo + len(shards) * (cfg.batch_size // cfg.shards)]).to(ctx.device, dtype)
+                x = x[lo:lo + len(shards) * (cfg.batch_size // cfg.shards)]
                 try:
                     st = train_step(state, net, x, shards=shards, total_shards=cfg.shards, world=ctx.world,
                                     num_steps=N, grid=cfg.grid, clip=cfg.clip, any_rank=ctx.any)
@@ -371,11 +396,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                     save(ckpt_path)
                     have_checkpoint = True
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters and ctx.is_main:
-                    from ..metrics import evaluate_model
+                    from ..evaluation import evaluate_model
 
-                    m = evaluate_model(eval_model(), data.standardizer, data.heldout(2000), dataset=data.toy,
-                                       n_samples=cfg.eval_samples, n_nll=1000, ode=False, seed=cfg.eval_seed,
-                                       lam=cfg.eval_lam)
+                    m = evaluate_model(eval_model(), data, n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
+                                       ode=False, seed=cfg.eval_seed, lam=cfg.eval_lam, fid=False)
                     keys = ("nelbo_nats", "sliced_wasserstein", "fraction_in_support")
                     bar.write(f"step {step}: loss {_fmt(loss_ema)} "
                               + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
@@ -415,29 +439,27 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         "gradient": cfg.gradient,
     }
     if ctx.is_main and final_eval:
-        from ..metrics import evaluate_checkpoint
+        from ..evaluation import evaluate_checkpoint
 
         t0 = time.perf_counter()
         metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
-                                               ode=cfg.final_ode > 0, lam=cfg.eval_lam, return_samples=True)
+                                               ode=cfg.final_ode > 0, lam=cfg.eval_lam, device=ctx.device,
+                                               data_dir=getattr(cfg, "data_dir", None), return_samples=True)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
         atomic_write_text(folder.file("metrics.json"), json.dumps({**metrics, "training": summary}, indent=2) + "\n")
-        np.save(folder.file("samples.npy"), samples)
+        buf = io.BytesIO()
+        np.save(buf, samples)
+        atomic_write_bytes(folder.file("samples.npy"), buf.getvalue())
         summary["metrics"] = metrics
         if tb:
             folder.scalars(state.step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix="final")
         if pictures:
-            from .. import plotting
-
             t0 = time.perf_counter()
-            ev = eval_model()
-            plotting.samples_vs_data(samples, data.heldout(len(samples)), folder.file("samples.png"),
-                                     title=f"{Path(data.name).name}: step {state.step}",
-                                     support=data.toy, metrics=metrics)
-            plotting.trajectory_figure(ev, data.standardizer.to_model(data.heldout(2000)),
-                                       folder.file("trajectories.png"), seed=cfg.eval_seed, lam=cfg.eval_lam)
+            write_pictures(eval_model(), data, samples, folder, step=state.step, metrics=metrics, seed=cfg.eval_seed,
+                           lam=cfg.eval_lam)
             summary["plot_seconds"] = round(time.perf_counter() - t0, 3)
-        keys = ("fraction_in_support", "sliced_wasserstein", "nelbo_nats", "ode_nll_nats")
+        keys = ("fraction_in_support", "sliced_wasserstein", "nelbo_nats", "ode_nll_nats", "nelbo_bits_per_dim",
+                "ode_bits_per_dim", "fid")
         log(f"done: {state.step} steps in {train_seconds:.1f}s ({summary['iters_per_second']} it/s); "
             + " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics) + f"; outputs in {out}")
     folder.close()
@@ -445,3 +467,26 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     return summary
 
 
+
+
+def write_pictures(model, data, samples, folder: RunFolder, *, step: int, metrics: dict, seed: int, lam: float) -> None:
+    """``samples.png`` (samples beside held-out data, or a sample grid for images) and ``trajectories.png``
+    (forward / backward trajectories, or trajectory strips for images)."""
+    from .. import plotting
+
+    title = f"{Path(data.name).name}: step {step}"
+    if data.kind == "image":
+        plotting.sample_grid(samples, folder.file("samples.png"), title=title)
+        x = data.heldout(8)
+        plotting.trajectory_strip(model, data.to_model(x, False), folder.file("trajectories.png"), seed=seed,
+                                  lam=lam, to_unit=data.transform.to_unit)
+        return
+    held = data.heldout(len(samples)).double().numpy().reshape(-1, data.dim)
+    if data.dim == 2:
+        plotting.samples_vs_data(samples, held, folder.file("samples.png"), title=title, support=data.support,
+                                 metrics=metrics)
+        plotting.trajectory_figure(model, data.to_model(data.heldout(2000), dtype=torch.float64).numpy(),
+                                   folder.file("trajectories.png"), seed=seed, lam=lam)
+    else:
+        plotting.samples_vs_data(samples[:, :2], held[:, :2], folder.file("samples.png"),
+                                 title=title + " (first two coordinates)", metrics=metrics)
