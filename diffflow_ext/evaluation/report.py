@@ -23,19 +23,35 @@ from .bits import bits_per_dim, bpd_offset
 from .fid import FID_ENV, compute_fid
 from .samples import sliced_wasserstein, wasserstein2_emd
 
-__all__ = ["sample_model", "evaluate_model", "evaluate_checkpoint"]
+__all__ = ["batch_seed", "sample_model", "evaluate_model", "evaluate_checkpoint"]
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of sampling batch ``index`` (independent streams per batch, so batches may be drawn on any
+    process in any order and still give the samples of a single-process run)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
-def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: int = 1000, **sample_options
-                 ) -> torch.Tensor:
-    """``n`` model-space samples (CPU), drawn in batches from one generator seeded with ``seed``."""
+def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: int = 1000, method: str = "em",
+                 sampler_options: dict | None = None, batches=None) -> torch.Tensor:
+    """``n`` model-space samples (CPU) in batches of ``batch_size``; batch ``i`` draws from a generator seeded
+    with :func:`batch_seed(seed, i) <batch_seed>`. ``batches``: only these batch indices (e.g. this rank's
+    share ``range(rank, n_batches, world)``), concatenated in the given order."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
-    gen = torch.Generator(device=device).manual_seed(int(seed))
+    n_batches = -(-int(n) // int(batch_size))
+    extra = {"sampler_options": dict(sampler_options)} if sampler_options else {}
     out = []
-    for i in range(0, n, batch_size):
-        out.append(model.sample(min(batch_size, n - i), lam=lam, generator=gen, **sample_options).cpu())
+    for i in (range(n_batches) if batches is None else batches):
+        if not 0 <= i < n_batches:
+            raise ValueError(f"batches: index {i} out of range for {n} samples in batches of {batch_size}")
+        gen = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
+        m = min(batch_size, n - i * batch_size)
+        out.append(model.sample(m, lam=lam, generator=gen, method=method, **extra).cpu())
+    if not out:
+        shape = tuple(getattr(model, "data_shape", ()))
+        return torch.empty((0, *shape))
     return torch.cat(out)
 
 
@@ -64,13 +80,18 @@ def evaluate_model(
     fid: bool | None = None,
     fid_weights: str | os.PathLike | None = None,
     fid_extractor=None,
+    method: str = "em",
+    sampler_options: dict | None = None,
+    samples: torch.Tensor | None = None,
     return_samples: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``model`` on ``source`` (a :class:`~diffflow_ext.data.DataSource`), see the module docstring.
 
     ``n_nll`` / ``n_ode`` examples of ``split`` for the ELBO / ODE likelihoods (``None``: the whole split),
     ``n_samples`` samples (sampler ``lam``). ``fid``: ``None`` computes FID for images when weights are
-    available, ``True`` requires them, ``False`` skips. Samples are returned in data space (``uint8`` images).
+    available, ``True`` requires them, ``False`` skips. ``method`` / ``sampler_options`` choose the sampler;
+    ``samples``: model-space samples drawn elsewhere (e.g. gathered from several ranks with
+    :func:`sample_model`), used instead of sampling here. Samples are returned in data space (``uint8`` images).
     """
     x_ref = source.heldout(n_heldout, split=split)
     out: dict[str, Any] = {"data_kind": source.kind, "split": split if not source.streaming else "heldout draw",
@@ -91,7 +112,13 @@ def evaluate_model(
         out["ode_n"] = r.n
 
     # samples
-    z = sample_model(model, n_samples, lam=lam, seed=seed + 3, batch_size=max(batch_size, 1))
+    if samples is None:
+        z = sample_model(model, n_samples, lam=lam, seed=seed + 3, batch_size=batch_size, method=method,
+                         sampler_options=sampler_options)
+    else:
+        z = torch.as_tensor(samples).cpu()
+        n_samples = len(z)
+    out["sampler"] = method
     finite = torch.isfinite(z.reshape(len(z), -1)).all(1)
     out["n_samples"] = int(n_samples)
     out["fraction_finite"] = float(finite.double().mean())
@@ -142,6 +169,8 @@ def evaluate_checkpoint(
     fid: bool | None = None,
     fid_weights: str | os.PathLike | None = None,
     fid_extractor=None,
+    method: str = "em",
+    sampler_options: dict | None = None,
     return_samples: bool = False,
 ):
     """Evaluate a training checkpoint: load it, rebuild its data source (``data_dir`` if the data moved),
@@ -181,7 +210,7 @@ def evaluate_checkpoint(
     res = evaluate_model(
         model, target, split=split, n_heldout=n_heldout, n_samples=n_samples, n_nll=n_nll, n_ode=n_ode, lam=lam,
         seed=seed, ode=ode, draws=draws, batch_size=batch_size, fid=fid, fid_weights=fid_weights,
-        fid_extractor=fid_extractor, return_samples=return_samples,
+        fid_extractor=fid_extractor, method=method, sampler_options=sampler_options, return_samples=return_samples,
     )
     if return_samples:
         res, samples = res
