@@ -42,9 +42,9 @@ import tempfile
 import time
 import traceback
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -264,8 +264,8 @@ def build_cli_cases() -> None:
         "--ema": (["1", "-0.1", "nan", "2"], ("--ema",)),
         "--clip": (["-1", "nan"], ("--clip",)),
         "--g": (["0", "-1", "nan", "inf"], ("--g", "--diffusion")),
-        "--t-start": (["0", "-1", "nan", "0.5", "1e-300"], ("--t-start",)),
-        "--t-end": (["0", "-1", "nan", "inf", "1e-9", "100"], ("--t-end",)),
+        "--t-start": (["0", "-1", "nan", "0.5"], ("--t-start",)),
+        "--t-end": (["0", "-1", "nan", "inf", "1e-9"], ("--t-end",)),
         "--time-exponent": (["0", "-1", "nan", "inf"], ("--time-exponent",)),
         "--holdout": (["1", "-0.1", "nan", "0.99999999"], ("--holdout",)),
         "--eval-lam": (["-1", "nan", "inf"], ("--eval-lam",)),
@@ -307,8 +307,7 @@ def build_cli_cases() -> None:
     cli_case("train-out-user-dir", ["train", "checkerboard", *FAST_N, "--out", "r"], setup=user_dir,
              words=("--out", "r", "exists"))
     cli_case("train-out-user-dir-overwrite", ["train", "checkerboard", *FAST_N, "--out", "r", "--overwrite"],
-             setup=user_dir, expect="ok", note="--overwrite must not delete files the run did not create",
-             check=lambda tmp, _: None if (tmp / "r" / "notes.txt").is_file() else "notes.txt deleted")
+             setup=user_dir, words=("--out",), note="--overwrite must not delete files the run did not create")
 
     def data_in_out(tmp):
         (tmp / "mydata").mkdir()
@@ -547,7 +546,7 @@ def build_cli_cases() -> None:
         ("net-hidden-huge", ["model_config", "drift", "kwargs", "hidden"], 10**12, ("hidden", "fit")),
         ("net-dim-huge", ["model_config", "score", "kwargs", "dim"], 10**9, ("dim", "fit")),
         ("net-name-bogus", ["model_config", "drift", "name"], "bogus", ("bogus", "network")),
-        ("data-shape-huge", ["model_config", "data_shape"], [10**9], ("data_shape", "fit")),
+        ("data-shape-huge", ["model_config", "data_shape"], [10**9], ("data_shape", "fit", "shape", "values")),
         ("num-steps-huge", ["model_config", "num_steps"], 10**12, ("num_steps",)),
         ("dim-huge", ["model_config", "dim"], 10**12, ("dim",)),
         ("dim-str", ["model_config", "dim"], "two", ("dim",)),
@@ -596,7 +595,9 @@ def build_cli_cases() -> None:
         else:
             def make(p, _e=edit):
                 write_crafted(p, _e)
-        ck_case(f"crafted-{cid}", make, words=words)
+        # train --resume builds the model from the stored training config: a crafted model_config is unused there
+        cmds = ("sample", "eval") if keys[:1] == ["model_config"] else ("sample", "eval", "resume")
+        ck_case(f"crafted-{cid}", make, words=words, cmds=cmds)
 
     def shape_lie(p):
         def edit(h):
@@ -643,8 +644,9 @@ def build_api_cases() -> None:
         return lambda tmp: DiffFlow.mlp(**({"dim": 2, "hidden": 8, "depth": 1, "num_steps": 3} | kw))
 
     for kw, words in [({"dim": 0}, "dim"), ({"dim": -1}, "dim"), ({"hidden": 0}, "hidden"), ({"depth": -1}, "depth"),
-                      ({"num_steps": 0}, "num_steps"), ({"num_steps": -2}, "num_steps"), ({"num_steps": 2.5}, "num_steps"),
-                      ({"t_start": 0.0}, "t_start"), ({"t_start": 0.5, "t_end": 0.1}, "t_"),
+                      ({"num_steps": 0}, "num_steps"), ({"num_steps": -2}, "num_steps"),
+                      ({"num_steps": 2.5}, "num_steps"),
+                      ({"t_start": -1.0}, "t_start"), ({"t_start": 0.5, "t_end": 0.1}, "t_"),
                       ({"t_end": float("nan")}, "t_end"), ({"diffusion": -1.0}, "diffusion"),
                       ({"diffusion": float("nan")}, "diffusion"), ({"diffusion": 0.0}, "diffusion"),
                       ({"diffusion": [0.1, 0.2]}, "diffusion"), ({"gradient": "bogus"}, "gradient"),
@@ -694,8 +696,8 @@ def build_api_cases() -> None:
                       ({"num_steps": -1}, "num_steps"), ({"method": "bogus"}, "method"),
                       ({"x_init": torch.randn(8, 3)}, "x_init"),
                       ({"x_init": torch.full((8, 2), float("nan"))}, "x_init")]:
-        api_case(f"api-sample-{'-'.join(f'{k}={v if not isinstance(v, torch.Tensor) else tuple(v.shape)}' for k, v in kw.items())}",
-                 sample(**kw), words=(words,))
+        label = "-".join(f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else v}" for k, v in kw.items())
+        api_case(f"api-sample-{label}", sample(**kw), words=(words,))
     api_case("api-sample-ok", sample(), expect="ok")
 
     def log_prob(x):
@@ -885,6 +887,14 @@ def run_child(case: Case, tmp: Path) -> tuple[int | None, str, str, bool, float]
                 except RecursionError:
                     traceback.print_exc()
                     rc = 96
+                except RuntimeError as e:  # clean only when the library raised it on purpose
+                    last = traceback.extract_tb(e.__traceback__)[-1]
+                    if "diffflow_ext" in last.filename and (last.line or "").lstrip().startswith("raise"):
+                        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+                        rc = 90
+                    else:
+                        traceback.print_exc()
+                        rc = 96
                 except BaseException:
                     traceback.print_exc()
                     rc = 96
@@ -1005,7 +1015,12 @@ def main(argv=None) -> int:
             tmp = root / f"c{i:04d}"
             tmp.mkdir()
             if case.setup:
-                case.setup(tmp)
+                try:
+                    case.setup(tmp)
+                except Exception as e:  # a case that does not apply to this version of the library
+                    results.append(Result(case.id, "n/a", None, 0.0, f"setup failed: {type(e).__name__}: {e}"[:150]))
+                    print(f"{'n/a':10s} {0:6.1f}s  {case.id:45s} {results[-1].detail}", flush=True)
+                    continue
             before = snapshot(tmp)
             rc, out, err, hung, secs = run_child(case, tmp)
             outcome, detail = classify(case, tmp, before, rc, out, err, hung)

@@ -34,7 +34,7 @@ import torch
 
 from .._resources import fmt_bytes, mem_available
 
-__all__ = ["load_points", "DataFileError", "POINT_FILE_TYPES"]
+__all__ = ["load_points", "check_regular_file", "DataFileError", "POINT_FILE_TYPES"]
 
 POINT_FILE_TYPES = (".npy", ".npz", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 _NAME = re.compile(r"""^["'_A-Za-z]""")
@@ -53,7 +53,10 @@ def _file_type(p: Path) -> str:
                         f"{', '.join(POINT_FILE_TYPES)} (rows = points, columns = dimensions)")
 
 
-def _check_regular(p: Path) -> int:
+def check_regular_file(p: str | os.PathLike) -> int:
+    """The size of ``p`` if it is a non-empty regular file; else a one-line :class:`DataFileError` (not found, a
+    directory, a FIFO or device -- refused without opening it, so nothing blocks -- or empty)."""
+    p = Path(p)
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -304,7 +307,7 @@ def load_points(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating torch dtype, got {dtype!r}")
     p = Path(path)
-    size = _check_regular(p)
+    size = check_regular_file(p)
     ext = _file_type(p)
     rows = None
     if ext == ".npy":
