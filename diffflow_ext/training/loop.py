@@ -339,6 +339,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     loss_ema = None
     interrupted = False
     skipped_in_a_row = 0
+    gradient_plan = None
     bar = None
     # from here on files are written: a failure before the first checkpoint removes what this run created
     folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists())
@@ -371,6 +372,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                              else "no checkpoint was written")
                     raise NonFiniteError(f"training stopped at step {state.step + 1}: {e}; {where}; try a smaller "
                                          "--lr, gradient clipping (--clip 1) or --dtype float64") from None
+                if gradient_plan is None:
+                    gradient_plan = _report_gradient_plan(state.model, cfg, ctx, folder, log)
                 skipped_in_a_row = skipped_in_a_row + 1 if st.skipped else 0
                 if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                     raise NonFiniteError(
@@ -436,7 +439,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         "train_seconds": round(train_seconds, 3),
         "iters_per_second": round(steps_run / train_seconds, 3) if train_seconds > 0 and steps_run else None,
         "final_loss": loss_ema, "world_size": ctx.world, "device": str(ctx.device), "precision": cfg.precision,
-        "gradient": cfg.gradient,
+        "gradient": cfg.gradient, "gradient_plan": gradient_plan or None,
     }
     if ctx.is_main and final_eval:
         from ..evaluation import evaluate_checkpoint
@@ -467,6 +470,21 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     return summary
 
 
+
+
+def _report_gradient_plan(model, cfg: TrainConfig, ctx: DistContext, folder: RunFolder, log) -> dict:
+    """Once per run: what the gradient mode kept and recomputed under the memory budget (log + ``log.jsonl``)."""
+    plan = dict(getattr(model, "last_gradient_plan", None) or {})
+    if ctx.is_main and plan:
+        budget = plan.get("budget_bytes")
+        per = plan.get("graph_bytes_per_state")
+        text = (f"gradient {cfg.gradient}: keeps the network graphs of {plan.get('kept')}/{plan.get('states')} states, "
+                f"recomputes {plan.get('recomputed')} (schedule {plan.get('schedule')}, memory budget "
+                + ("unlimited" if budget is None else f"{budget / 2**20:.1f} MiB")
+                + ("" if per is None else f", {per / 2**20:.2f} MiB per kept state") + ")")
+        log(text)
+        folder.log({"gradient_plan": plan, "memory_budget": cfg.memory_budget})
+    return plan
 
 
 def write_pictures(model, data, samples, folder: RunFolder, *, step: int, metrics: dict, seed: int, lam: float) -> None:
