@@ -34,14 +34,16 @@ def batch_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: int = 1000, method: str = "em",
-                 sampler_options: dict | None = None, batches=None) -> torch.Tensor:
+                 sampler_options: dict | None = None, batches=None, **sample_kwargs) -> torch.Tensor:
     """``n`` model-space samples (CPU) in batches of ``batch_size``; batch ``i`` draws from a generator seeded
     with :func:`batch_seed(seed, i) <batch_seed>`. ``batches``: only these batch indices (e.g. this rank's
-    share ``range(rank, n_batches, world)``), concatenated in the given order."""
+    share ``range(rank, n_batches, world)``), concatenated in the given order. ``sample_kwargs`` (e.g.
+    ``num_steps``, ``denoise``) go to ``model.sample``."""
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     n_batches = -(-int(n) // int(batch_size))
     extra = {"sampler_options": dict(sampler_options)} if sampler_options else {}
+    extra.update(sample_kwargs)
     out = []
     for i in (range(n_batches) if batches is None else batches):
         if not 0 <= i < n_batches:
