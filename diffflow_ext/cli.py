@@ -36,6 +36,7 @@ from typing import Any
 
 from .training.config import (
     GROUPS,
+    MAX_NUM_STEPS,
     PRESETS,
     ConfigError,
     Range,
@@ -43,6 +44,8 @@ from .training.config import (
     check_field,
     option,
     option_fields,
+    parse_device,
+    parse_key_value,
     resolve_config,
     resume_config,
 )
@@ -72,44 +75,66 @@ def _sampler_names() -> Sequence[str]:
 _COUNT = Range(1, 10**8, integer=True)
 _SEED = Range(0, 2**32 - 1, integer=True)
 _LAM = Range(0, 100)
+_S, _EV, _OUT = "sampling", "evaluation", "output"
 
 
 @dataclass
-class SampleOptions:
+class SamplingOptions:
+    """The sampler options shared by ``diffflow sample`` and ``diffflow eval``."""
+
+    method: str = option("em", "sampler (em: Euler-Maruyama with --lam; heun, ode: the probability-flow ODE)",
+                         choices=_sampler_names, group=_S)
+    sampler_options: dict = option({}, "an option of the sampler, e.g. rtol=1e-6 (ode); repeatable",
+                                   flags=("--sampler-option",), metavar="KEY=VALUE", parse=parse_key_value, group=_S)
+    lam: float | None = option(None, "lambda of the marginal-equivalent SDE (1: DiffFlow's backward SDE, 0: "
+                                     "probability-flow ODE; default: the run's --eval-lam; em only)", range=_LAM,
+                               nullable=True, group=_S)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:K", metavar="DEVICE",
+                         parse=parse_device, group=_S)
+
+
+@dataclass
+class SampleOptions(SamplingOptions):
     """Options of ``diffflow sample``."""
 
-    n: int = option(5000, "number of samples", flags=("-n",), range=_COUNT, group="sampling")
-    lam: float | None = option(None, "lambda of the marginal-equivalent SDE (1: DiffFlow's backward SDE, 0: "
-                                     "probability-flow ODE; default: the run's --eval-lam)", range=_LAM,
-                               nullable=True, group="sampling")
+    n: int = option(5000, "number of samples", flags=("-n",), range=_COUNT, group=_S)
     num_steps: int | None = option(None, "sampling steps (default: the trained N)", flags=("-N",), nullable=True,
-                                   range=Range(1, 10_000, integer=True), group="sampling")
-    seed: int = option(0, "seed of the sampler", range=_SEED, group="sampling")
+                                   range=Range(1, MAX_NUM_STEPS, integer=True), group=_S)
+    seed: int = option(0, "seed of the sampler", range=_SEED, group=_S)
+    batch_size: int = option(1000, "samples drawn at once (memory)", range=_COUNT, group=_S)
     out: str | None = option(None, "output .npy file, or a folder to write samples_seed<SEED>.npy into "
-                                   "(default: the run folder)", nullable=True, metavar="FILE|DIR", group="output")
+                                   "(default: the run folder)", nullable=True, metavar="FILE|DIR", group=_OUT)
     png: str | None = option(None, "picture path (default: next to --out; none: no picture)", nullable=True,
-                             metavar="FILE|none", group="output")
+                             metavar="FILE|none", group=_OUT)
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(SamplingOptions):
     """Options of ``diffflow eval``."""
 
-    data: str | None = option(None, "held-out data: a data source name or a file (default: the run's held-out "
-                                    "data)", nullable=True, group="evaluation")
+    data: str | None = option(None, "other held-out data: a data source name or a file (default: the run's "
+                                    "test split)", nullable=True, group=_EV)
+    data_dir: str | None = option(None, "folder of the data's files (when the data moved, or for --data NAME)",
+                                  nullable=True, metavar="DIR", group=_EV)
+    split: str = option("test", "split of finite data sets to evaluate on", choices=lambda: ("test", "val", "train"),
+                        group=_EV)
     n_samples: int | None = option(None, "model samples (default: as in training)", range=_COUNT, nullable=True,
-                                   group="evaluation")
-    n_heldout: int = option(5000, "held-out points", range=_COUNT, group="evaluation")
-    n_nll: int = option(2000, "held-out points for the negative ELBO", range=_COUNT, group="evaluation")
-    n_ode: int | None = option(None, "held-out points for the ODE log-likelihood (0: skip; default: as in "
-                                     "training)", range=Range(0, 10**8, integer=True), nullable=True,
-                               group="evaluation")
-    lam: float | None = option(None, "sampler lambda (default: the run's --eval-lam)", range=_LAM, nullable=True,
-                               group="evaluation")
+                                   group=_EV)
+    n_heldout: int = option(5000, "held-out examples compared with the samples", range=_COUNT, group=_EV)
+    n_nll: int = option(2000, "held-out examples for the negative ELBO", range=_COUNT, group=_EV)
+    n_ode: int | None = option(None, "held-out examples for the ODE log-likelihood (0: skip; default: as in "
+                                     "training)", range=Range(0, 10**8, integer=True), nullable=True, group=_EV)
+    draws: int | None = option(None, "dequantisation draws per image for bits/dim (default: 3)", nullable=True,
+                               range=Range(1, 1000, integer=True), group=_EV)
     seed: int | None = option(None, "evaluation seed (default: the run's --eval-seed)", range=_SEED, nullable=True,
-                              group="evaluation")
+                              group=_EV)
+    batch_size: int = option(500, "examples per batch (memory)", range=_COUNT, group=_EV)
+    fid: str = option("auto", "FID for images: auto (when weights are given), on (required), off",
+                      choices=lambda: ("auto", "on", "off"), group=_EV)
+    fid_weights: str | None = option(None, "Inception weights file for FID (or env DIFFFLOW_FID_WEIGHTS); nothing "
+                                           "is downloaded", nullable=True, metavar="PATH", group=_EV)
     json: str | None = option(None, "also write the metrics to this file", nullable=True, metavar="FILE",
-                              group="output")
+                              group=_OUT)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -520,11 +545,38 @@ def _sample_targets(o: SampleOptions, run_dir: Path, typed: dict[str, str],
     return out, png
 
 
+def _sampler_plan(o: SamplingOptions, typed: dict[str, str], train_config: dict) -> dict[str, Any]:
+    """Keyword arguments for the sampler (``method``, ``lam`` and its options), checked before any work."""
+    from .samplers import SAMPLERS, get_sampler, sampler_options
+
+    flag = typed.get("sampler_options", "--sampler-option")
+    takes_lam = "lam" in sampler_options(SAMPLERS[o.method])
+    if "lam" in o.sampler_options:
+        raise CLIError(f"{flag} lam=...: use {typed.get('lam', '--lam')}")
+    if o.lam is not None and not takes_lam:
+        with_lam = ", ".join(k for k, c in SAMPLERS.items() if "lam" in sampler_options(c))
+        raise CLIError(f"{typed['lam']}: only the samplers with a lambda take it ({with_lam}); --method {o.method} "
+                       "follows the probability-flow ODE (lambda 0)")
+    lam = o.lam if o.lam is not None else float(train_config.get("eval_lam", 1.0)) if takes_lam else 0.0
+    try:
+        get_sampler(o.method, **o.sampler_options)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{flag} (--method {o.method}): {_one_line(e)}") from None
+    plan: dict[str, Any] = {"lam": lam}
+    if o.method != "em" or o.sampler_options:
+        plan["method"] = o.method
+    if o.sampler_options:
+        plan["sampler_options"] = dict(o.sampler_options)
+    return plan
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
 
     from .checkpoint import load_checkpoint
+    from .evaluation import sample_model
+    from .training.devices import resolve_device
 
     o = SampleOptions(**_explicit(args, SampleOptions))
     typed = getattr(args, "_typed", {}) or {}
@@ -534,13 +586,15 @@ def _cmd_sample(args) -> int:
     out, png = _sample_targets(o, run_dir, typed, args.overwrite)
     if png_off:
         png = None
-    model = ck.build_model(use_ema=not args.no_ema)
+    plan = _sampler_plan(o, typed, ck.extra.get("train_config") or {})
+    device = resolve_device(o.device)
+    model = ck.build_model(use_ema=not args.no_ema).to(device)
     numel = math.prod(model.data_shape)
     if o.n * numel > 2**31:
         raise CLIError(f"{typed.get('n', '-n')} {o.n}: {o.n} samples of {numel} values each exceed 2^31 values; "
                        "draw them in several runs with different --seed")
-    lam = o.lam if o.lam is not None else float(ck.extra.get("train_config", {}).get("eval_lam", 1.0))
-    z = model.sample(o.n, lam=lam, num_steps=o.num_steps, generator=torch.Generator().manual_seed(o.seed))
+    lam = plan.pop("lam")
+    z = sample_model(model, o.n, lam=lam, seed=o.seed, batch_size=o.batch_size, num_steps=o.num_steps, **plan)
     if not torch.isfinite(z).all():
         raise CLIError(f"sampling produced non-finite values (lam={lam}, steps={o.num_steps or model.num_steps}); "
                        "nothing was written", 1)
@@ -548,14 +602,17 @@ def _cmd_sample(args) -> int:
     x = _to_data_space(ck, src, z)
     if x.dtype.kind == "f":
         x = x.astype(np.float32)
-    msg: dict[str, Any] = {"samples": str(out), "n": o.n, "lam": lam, "num_steps": o.num_steps or model.num_steps}
+    msg: dict[str, Any] = {"samples": str(out), "n": o.n, "method": o.method, "lam": lam,
+                           "num_steps": o.num_steps or model.num_steps}
+    if o.sampler_options:
+        msg["sampler_options"] = o.sampler_options
     targets = [out] + ([png] if png is not None else [])
     with _staged(targets) as tmps:
         buf = io.BytesIO()
         np.save(buf, x)
         tmps[0].write_bytes(buf.getvalue())
         if png is not None:
-            msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, lam={lam}", o.n))
+            msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, {o.method}, lam={lam}", o.n))
             msg["picture"] = str(png)
     print(json.dumps(msg, indent=2))
     return 0
@@ -599,10 +656,7 @@ def _sample_picture(src, x, path: Path, title: str, n: int) -> dict:
 
     res: dict[str, Any] = {}
     if x.ndim > 2:  # images
-        grid = getattr(plotting, "image_grid", None) or getattr(plotting, "sample_grid", None)
-        if grid is None:
-            raise CLIError("no picture for image samples in this version; pass --png none", 1)
-        grid(x, path, title=title)
+        plotting.sample_grid(x, path, title=title, levels=getattr(src, "levels", None))
         return res
     if src is None:
         plotting.plot_points(x, path, title)
@@ -630,19 +684,30 @@ def _eval_parser(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from .checkpoint import atomic_write_text, load_checkpoint
-    from .metrics import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint
+    from .training.devices import resolve_device
 
     o = EvalOptions(**_explicit(args, EvalOptions))
     typed = getattr(args, "_typed", {}) or {}
     if o.json is not None:
         _refuse_existing(Path(o.json), typed.get("json", "--json"), args.overwrite)
-    tc = load_checkpoint(args.checkpoint).extra.get("train_config", {})
+    if o.fid_weights is not None:
+        if o.fid == "off":
+            raise CLIError(f"{typed['fid_weights']} has no effect with {typed.get('fid', '--fid')} off")
+        if not Path(o.fid_weights).is_file():
+            raise CLIError(f"{typed['fid_weights']} {o.fid_weights}: no such file", 1)
+    if o.data_dir is not None and not Path(o.data_dir).is_dir():
+        raise CLIError(f"{typed['data_dir']} {o.data_dir}: not a folder", 1)
+    tc = load_checkpoint(args.checkpoint).extra.get("train_config") or {}
+    plan = _sampler_plan(o, typed, tc)
+    device = resolve_device(o.device)
     n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))
     n_ode = o.n_ode if o.n_ode is not None else int(tc.get("final_ode", 500))
-    lam = o.lam if o.lam is not None else float(tc.get("eval_lam", 1.0))
     res = evaluate_checkpoint(
-        args.checkpoint, data=o.data, n_samples=n_samples, n_heldout=o.n_heldout, n_nll=o.n_nll,
-        n_ode=n_ode, lam=lam, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0,
+        args.checkpoint, data=o.data, data_dir=o.data_dir, split=o.split, n_samples=n_samples, n_heldout=o.n_heldout,
+        n_nll=o.n_nll, n_ode=n_ode, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0, draws=o.draws,
+        device=device, batch_size=o.batch_size, fid={"auto": None, "on": True, "off": False}[o.fid],
+        fid_weights=o.fid_weights, **plan,
     )
     text = json.dumps(res, indent=2)
     if o.json:

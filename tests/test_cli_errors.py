@@ -216,6 +216,31 @@ def test_sample_bad_values(run_dir, tmp_path, capsys, args, flag):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["--method", "heun", "--lam", "0.5"], "--lam"),  # heun follows the ODE: a lambda would be ignored
+    (["--method", "ode", "--sampler-option", "rtol=2"], "--sampler-option"),
+    (["--method", "em", "--sampler-option", "speed=9"], "--sampler-option"),
+    (["--sampler-option", "lam=0.3"], "--sampler-option"),
+    (["--sampler-option", "novalue"], "--sampler-option"),
+    (["--method", "rk45"], "--method"),
+    (["--device", "tpu"], "--device"),
+])
+def test_sampler_options_are_checked(run_dir, tmp_path, capsys, args, flag):
+    for cmd in (["sample", run_dir, "--out", tmp_path / "s.npy"], ["eval", run_dir, "--json", tmp_path / "m.json"]):
+        rc, lines = _run([*cmd, *args], capsys)
+        _one_line_error(rc, lines, flag=flag, code=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_with_another_sampler(run_dir, tmp_path, capsys):
+    assert main(["sample", str(run_dir), "-n", "20", "--method", "heun", "--out", str(tmp_path / "h.npy"),
+                 "--png", "none"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "heun" and info["lam"] == 0.0
+    x = np.load(tmp_path / "h.npy")
+    assert x.shape == (20, 2) and np.isfinite(x).all()
+
+
 def test_eval_json_refuses_existing_file(run_dir, tmp_path, capsys):
     j = tmp_path / "m.json"
     j.write_text("keep me")

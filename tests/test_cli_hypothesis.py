@@ -10,7 +10,7 @@ import math
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from diffflow_ext.cli import EvalOptions, SampleOptions, _flags, main
@@ -70,6 +70,8 @@ def _bad_invocation(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_bad_invocation())
+@example(("eval", "--method", "{"))  # once broke the message formatting (braces in the value)
+@example(("train", "-b", "1e999"))
 def test_bad_values_give_one_clean_line(tmp_path_factory, capsys, inv):
     cmd, flag, value = inv
     d = tmp_path_factory.mktemp("h")

@@ -32,7 +32,7 @@ from ..schedules import GRIDS
 __all__ = [
     "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "DATA_KINDS", "resolve_config", "resume_config",
     "parse_progressive", "parse_memory_budget", "DTYPES", "PRECISIONS", "DEVICE_PATTERN", "MAX_NUM_STEPS",
-    "option_fields", "resumable_fields", "GROUPS",
+    "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -126,7 +126,10 @@ class Issue:
     text: str
 
     def format(self, name: Callable[[str], str] = str) -> str:
-        return self.text.format(**{f: name(f) for f in self.fields})
+        text = self.text  # plain replacement: values quoted in the text may hold braces
+        for f in self.fields:
+            text = text.replace("{" + f + "}", name(f))
+        return text
 
 
 class ConfigError(ValueError):
@@ -187,6 +190,14 @@ def parse_memory_budget(text: str) -> float:
         raise ValueError(f"memory_budget: expected bytes (at least 1MiB, e.g. 2GiB, 512MB, 4e9) or a fraction in "
                          f"(0, 1] of free memory, got {text!r}")
     return value
+
+
+def parse_device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:K`` (checked against the machine when the run starts)."""
+    s = str(text).strip().lower()
+    if not DEVICE_PATTERN.match(s):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:K, got {text!r}")
+    return s
 
 
 def _parse_optional_str(text: str) -> str | None:
@@ -270,7 +281,7 @@ class TrainConfig:
         None, "memory for the gradient computation: bytes (2GiB, 512MB) or a fraction in (0, 1] of free memory",
         nullable=True, parse=parse_memory_budget, metavar="BYTES|FRACTION")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:K", resume=True,
-                         metavar="DEVICE")
+                         metavar="DEVICE", parse=parse_device)
     # optimisation
     batch_size: int = option(1024, "global batch size", flags=("-b",), group=_O, range=_int(1, 2**24))
     iters: int = option(2000, "total training iterations (on --resume: the new total)", group=_O, resume=True,
