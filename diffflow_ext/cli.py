@@ -196,8 +196,10 @@ class _FieldAction(argparse.Action):
             typed[self.dest] = flag
             return
         text = str(values)
+        if not text.strip():
+            raise CLIError(f"{flag}: expected a value, got {text!r}", prog=parser.prog)
         try:
-            if f.metadata.get("nullable") and text.strip().lower() in ("none", "off"):
+            if f.metadata.get("nullable") and text.strip().lower() == "none":
                 value = None
             else:
                 value = _text_parser(f)(text)
@@ -401,20 +403,13 @@ def _config_error(e: ConfigError, args) -> CLIError:
     return CLIError(e.format(_namer(args)))
 
 
-def _check_device(cfg: TrainConfig, name: Callable[[str], str]) -> None:
-    """The device and the backend exist on this machine."""
-    import torch
-
+def _check_backend(cfg: TrainConfig, name: Callable[[str], str]) -> None:
+    """The device exists here, and the backend exists and runs on it."""
     from .ops import available_backends
+    from .training.devices import resolve_device
 
-    dev = cfg.device
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(f"{name('device')} {dev}: no CUDA device is visible here; use --device cpu (or auto)", 1)
-        k = int(dev.split(":")[1]) if ":" in dev else 0
-        if k >= torch.cuda.device_count():
-            raise CLIError(f"{name('device')} {dev}: only {torch.cuda.device_count()} CUDA device(s) visible", 1)
-    on = "cuda" if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()) else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on = resolve_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world).type
     if cfg.backend != "auto":
         info = available_backends().get(cfg.backend, {})
         if not info.get("available"):
@@ -422,14 +417,27 @@ def _check_device(cfg: TrainConfig, name: Callable[[str], str]) -> None:
                            "use --backend auto", 1)
         if on not in info.get("devices", ()):
             raise CLIError(f"{name('backend')} {cfg.backend} runs on {', '.join(info['devices'])} tensors, but the "
-                           f"run is on {on} ({name('device')} {dev})", 1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+                           f"run is on {on} ({name('device')} {cfg.device})", 1)
     if cfg.shards % world:
         raise CLIError(f"{name('shards')} {cfg.shards}: must be a multiple of the number of processes ({world})")
 
 
-def _train_plan(args) -> tuple[TrainConfig, Any, str | None]:
-    """Everything ``train`` is asked to do, checked: (config, checkpoint or None, data kind)."""
+def _stored_config(ck) -> TrainConfig:
+    """The training options stored in checkpoint ``ck``, validated (one line naming the file and the option)."""
+    stored = ck.extra.get("train_config")
+    if not isinstance(stored, dict):
+        raise CLIError(f"{ck.path}: not a training checkpoint (no training options stored)", 1)
+    try:
+        return TrainConfig.from_dict(stored)
+    except ConfigError as e:
+        raise CLIError(f"{ck.path}: invalid stored training options: "
+                       + "; ".join(i.format(lambda f: f"{f}={stored.get(f)!r}") for i in e.issues), 1) from None
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{ck.path}: invalid stored training options ({_one_line(e)})", 1) from None
+
+
+def _train_plan(args) -> tuple[TrainConfig, Any, Any]:
+    """Everything ``train`` is asked to do, checked: (config, checkpoint or None, data source or None)."""
     explicit = _explicit(args, TrainConfig)
     name = _namer(args)
     ck = None
@@ -437,9 +445,7 @@ def _train_plan(args) -> tuple[TrainConfig, Any, str | None]:
         from .checkpoint import load_checkpoint
 
         ck = load_checkpoint(args.resume)
-        stored = ck.extra.get("train_config")
-        if not isinstance(stored, dict):
-            raise CLIError(f"--resume {args.resume}: not a training checkpoint (no training config)", 1)
+        stored = _stored_config(ck).to_dict()
         if args.data is not None and args.data != stored.get("data"):
             raise CLIError(f"DATA {args.data!r} contradicts the checkpoint (trained on {stored.get('data')!r}); "
                            "omit it with --resume")
@@ -447,26 +453,33 @@ def _train_plan(args) -> tuple[TrainConfig, Any, str | None]:
             cfg = resume_config(stored, explicit)
         except ConfigError as e:
             raise _config_error(e, args) from None
+        _check_backend(cfg, name)
         step = int(ck.step)
         if cfg.iters <= step:
             raise CLIError(f"{name('iters')} {cfg.iters}: the checkpoint is at step {step} already; give a larger "
                            "total (--iters is the total, not the number of further steps)")
         return cfg, ck, None
+    from .training.loop import build_data
+
     data = args.data if args.data is not None else TrainConfig().data
-    kind = _data_kind(data, explicit, name)
+    _check_data_flags(data, explicit, name)
     if "shards" not in explicit:
         explicit["shards"] = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = resolve_config(kind, {**explicit, "data": data})
+        first = resolve_config("points", {**explicit, "data": data})  # every option checked before data is read
+        _check_backend(first, name)
+        source = build_data(first)
+        cfg = resolve_config(source.kind, {**explicit, "data": data})  # the defaults of this kind of data
     except ConfigError as e:
         raise _config_error(e, args) from None
-    return cfg, None, kind
+    if any(getattr(cfg, k) != getattr(first, k) for k in ("data_dir", "data_options", "seed", "holdout")):
+        source = build_data(cfg)  # a preset changed how the data is read
+    return cfg, None, source
 
 
-def _data_kind(spec: str, explicit: dict[str, Any], name: Callable[[str], str]) -> str:
-    """The kind of the data ("points", "tabular", "image"): from the registry for a name (nothing loaded), by
-    opening the file otherwise; options that the source would ignore are errors."""
-    from .data import get_data_source
+def _check_data_flags(spec: str, explicit: dict[str, Any], name: Callable[[str], str]) -> None:
+    """Data options that the data source would ignore are errors."""
+    from .data import sources  # noqa: F401  (registers the built-in sources)
     from .data.base import _ALIASES, DATA_SOURCES
 
     key = _ALIASES.get(spec.lower(), spec.lower())
@@ -478,24 +491,17 @@ def _data_kind(spec: str, explicit: dict[str, Any], name: Callable[[str], str]) 
         if "data_dir" in explicit and not entry.needs_dir:
             raise CLIError(f"{name('data_dir')}: {key} reads no files (only sources such as mnist, cifar10 or power "
                            "do)")
-        return entry.kind
-    if "data_dir" in explicit:
+    elif "data_dir" in explicit:
         raise CLIError(f"{name('data_dir')}: applies to named data sources (mnist, cifar10, power, ...), not to the "
                        f"file {spec}")
-    options = dict(explicit.get("data_options", {}))
-    if "holdout" in explicit:
-        options["holdout"] = explicit["holdout"]
-    return get_data_source(spec, seed=explicit.get("seed", 0), **options).kind
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .training import train
 
-    cfg, ck, _kind = _train_plan(args)
-    name = _namer(args)
-    _check_device(cfg, name)
+    cfg, ck, source = _train_plan(args)
     summary = train(cfg, resume=str(ck.path) if ck is not None else None, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, source=source)
     if summary.get("metrics") is not None:
         print(json.dumps({k: summary[k] for k in ("out", "step", "train_seconds", "iters_per_second")}
                          | {"metrics": summary["metrics"]}, indent=2))
@@ -586,7 +592,7 @@ def _cmd_sample(args) -> int:
     out, png = _sample_targets(o, run_dir, typed, args.overwrite)
     if png_off:
         png = None
-    plan = _sampler_plan(o, typed, ck.extra.get("train_config") or {})
+    plan = _sampler_plan(o, typed, _stored_config(ck).to_dict())
     device = resolve_device(o.device)
     model = ck.build_model(use_ema=not args.no_ema).to(device)
     numel = math.prod(model.data_shape)
@@ -612,7 +618,8 @@ def _cmd_sample(args) -> int:
         np.save(buf, x)
         tmps[0].write_bytes(buf.getvalue())
         if png is not None:
-            msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, {o.method}, lam={lam}", o.n))
+            msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, {o.method}, lam={lam}", o.n,
+                                       _levels(ck, src)))
             msg["picture"] = str(png)
     print(json.dumps(msg, indent=2))
     return 0
@@ -650,13 +657,25 @@ def _to_data_space(ck, src, z):
     return z
 
 
-def _sample_picture(src, x, path: Path, title: str, n: int) -> dict:
+def _levels(ck, src) -> int | None:
+    """Grey levels of image data (from the source, else from the transform stored in the checkpoint)."""
+    if src is not None:
+        return src.levels
+    state = ck.extra.get("data") if isinstance(ck.extra.get("data"), dict) else {}
+    if isinstance(state.get("transform"), dict):
+        from .data.base import Transform
+
+        return getattr(Transform.from_state(state["transform"]), "levels", None)
+    return None
+
+
+def _sample_picture(src, x, path: Path, title: str, n: int, levels: int | None) -> dict:
     """Draw the samples (beside held-out data when the data is at hand); returns metrics it computed."""
     from . import plotting
 
     res: dict[str, Any] = {}
     if x.ndim > 2:  # images
-        plotting.sample_grid(x, path, title=title, levels=getattr(src, "levels", None))
+        plotting.sample_grid(x, path, title=title, levels=levels)
         return res
     if src is None:
         plotting.plot_points(x, path, title)
@@ -691,14 +710,15 @@ def _cmd_eval(args) -> int:
     typed = getattr(args, "_typed", {}) or {}
     if o.json is not None:
         _refuse_existing(Path(o.json), typed.get("json", "--json"), args.overwrite)
-    if o.fid_weights is not None:
-        if o.fid == "off":
-            raise CLIError(f"{typed['fid_weights']} has no effect with {typed.get('fid', '--fid')} off")
-        if not Path(o.fid_weights).is_file():
-            raise CLIError(f"{typed['fid_weights']} {o.fid_weights}: no such file", 1)
+    if o.fid_weights is not None and o.fid == "off":
+        raise CLIError(f"{typed['fid_weights']} has no effect with {typed.get('fid', '--fid')} off")
+    if o.fid_weights is not None or o.fid == "on":
+        from .evaluation.fid import resolve_fid_weights
+
+        resolve_fid_weights(o.fid_weights)  # fails now (one line naming --fid-weights) rather than after sampling
     if o.data_dir is not None and not Path(o.data_dir).is_dir():
         raise CLIError(f"{typed['data_dir']} {o.data_dir}: not a folder", 1)
-    tc = load_checkpoint(args.checkpoint).extra.get("train_config") or {}
+    tc = _stored_config(load_checkpoint(args.checkpoint)).to_dict()
     plan = _sampler_plan(o, typed, tc)
     device = resolve_device(o.device)
     n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))

@@ -86,6 +86,13 @@ BAD_TRAIN = [
     (["--t-start", "0.1", "--t-end", "0.05"], "--t-start", "t_start"),
     (["-N", "20", "--progressive", "5:30"], "--progressive", None),
     (["--no-such-option", "1"], "--no-such-option", None),
+    (["--progressive", ""], "--progressive", None),  # only 'none' turns it off
+    (["--out", ""], "--out", None),
+    (["--data-option", "pad_to"], "--data-option", None),
+    (["--network", "resnet"], "--network", None),
+    (["--hidden", "128", "--network", "unet"], "--hidden", None),  # the MLP's size with another network
+    (["--holdout", "0.2"], "--holdout", None),  # checkerboard is generated: a holdout would be ignored
+    (["--data-dir", "."], "--data-dir", None),  # checkerboard reads no files
 ]
 
 
@@ -258,6 +265,31 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
         _one_line_error(rc, lines, flag=str(tmp_path / "nope"), code=1)
     rc, lines = _run(["train", "--resume", tmp_path / "nope"], capsys)
     _one_line_error(rc, lines, flag=str(tmp_path / "nope"), code=1)
+
+
+def _crafted(run_dir: Path, tmp_path: Path, train_config) -> Path:
+    """A valid checkpoint (checksum and all) of the run whose stored training options are ``train_config``."""
+    from diffflow_ext.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(run_dir)
+    path = tmp_path / "crafted" / "checkpoint.safetensors"
+    save_checkpoint(path, model=ck.build_model(), step=ck.step, extra={**ck.extra, "train_config": train_config})
+    return path
+
+
+@pytest.mark.parametrize("bad", ["x", {"batch_size": -1}, {"progressive": 5, "lr": "fast"}])
+def test_crafted_stored_options_are_one_line(run_dir, tmp_path, capsys, bad):
+    from diffflow_ext.checkpoint import load_checkpoint
+
+    tc = bad if isinstance(bad, str) else {**load_checkpoint(run_dir).extra["train_config"], **bad}
+    ck = _crafted(run_dir, tmp_path, tc)
+    for argv in (["sample", ck, "-n", "5", "--out", tmp_path / "s.npy"], ["eval", ck, "--n-samples", "10"],
+                 ["train", "--resume", ck, "--iters", "9"]):
+        rc, lines = _run(argv, capsys)
+        _one_line_error(rc, lines, flag=str(ck), code=1)
+        if not isinstance(bad, str):
+            assert next(iter(bad)) in lines[0] and "-b" not in lines[0]  # the stored option, not a flag
+    assert not (tmp_path / "s.npy").exists()
 
 
 # ----------------------------------------------------------------------------- the top-level handler

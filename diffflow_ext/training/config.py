@@ -201,7 +201,7 @@ def parse_device(text: str) -> str:
 
 
 def _parse_optional_str(text: str) -> str | None:
-    return None if str(text).strip().lower() in ("", "none", "off") else str(text)
+    return None if str(text).strip().lower() == "none" else str(text)
 
 
 # ----------------------------------------------------------------------------- the config
@@ -272,7 +272,8 @@ class TrainConfig:
     hidden: int = option(64, "MLP width (--network mlp)", flags=("--width",), range=_int(1, 65536))
     depth: int = option(3, "MLP hidden layers (--network mlp)", range=_int(1, 64))
     time_dim: int = option(32, "width of the MLP's sinusoidal time embedding (--network mlp)", range=_int(2, 4096))
-    gradient: str = option("adjoint", "how gradients are computed", choices=lambda: GRADIENT_MODES)
+    gradient: str = option("auto", "how gradients are computed (auto: keep the network graphs that fit in "
+                                   "--memory-budget, recompute the rest)", choices=lambda: GRADIENT_MODES)
     backend: str = option("auto", "step-op backend (see diffflow_ext.available_backends())", choices=lambda: BACKENDS)
     dtype: str = option("float32", "dtype of the model and the states", choices=lambda: tuple(DTYPES))
     precision: str = option("fp32", "mixed precision of the networks (states and step ops stay float32)",
@@ -329,6 +330,10 @@ class TrainConfig:
                 parse_memory_budget(str(float(self.memory_budget)))
             except (TypeError, ValueError) as e:
                 out.append(Issue(("memory_budget",), "{memory_budget}" + str(e)[len("memory_budget"):]))
+        for k in ("data", "out", "data_dir"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                out.append(Issue((k,), f"{{{k}}}: expected a non-empty path or name, got {v!r}"))
         for k in ("data_options", "network_options"):
             v = getattr(self, k)
             if not isinstance(v, dict) or not all(isinstance(x, str) and x.isidentifier() for x in v):
