@@ -278,7 +278,7 @@ def _check_values(p: Path, arr: np.ndarray, rows: np.ndarray | None, dtype: torc
                f"robust standard deviations from the column's median (limit {outlier_limit:g}): a data error? "
                "(standardising would squash every other point)")
         if outliers == "error":
-            raise DataFileError(msg + "; fix the file or allow outliers")
+            raise DataFileError(msg + "; fix the file, or pass --data-option outliers=warn (Python: outliers='warn')")
         if outliers == "warn":
             warnings.warn(msg, stacklevel=3)
 
