@@ -104,7 +104,8 @@ class Plan:
 
     def summary(self) -> dict:
         return {"schedule": self.schedule, "states": len(self.keep), "kept": self.num_kept,
-                "recomputed": self.num_recomputed, "graph_bytes_per_state": self.graph_bytes,
+                "recomputed": self.num_recomputed, "recompute_fraction": self.recompute_fraction(),
+                "graph_bytes_per_state": self.graph_bytes,
                 "budget_bytes": self.budget_bytes}
 
 
