@@ -247,7 +247,12 @@ def _typed(namespace) -> dict[str, str]:
 
 
 def _flags(f: dataclasses.Field) -> list[str]:
-    return [*f.metadata.get("flags", ()), "--" + f.name.replace("_", "-")]
+    """The option strings of field ``f``: its extra flags, then ``--field-name`` (the one used in messages); a
+    repeatable KEY=VALUE field is named by its singular flag only (``--data-option``)."""
+    extra = list(f.metadata.get("flags", ()))
+    if _is_dict_field(f) and any(x.startswith("--") for x in extra):
+        return extra
+    return [*extra, "--" + f.name.replace("_", "-")]
 
 
 def _default_text(f: dataclasses.Field, defaults: Any) -> str:
@@ -277,7 +282,8 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | 
         g = groups[m["group"]]
         choices = tuple(m["choices"]()) if m.get("choices") else None
         metavar = m.get("metavar") or ("{" + ",".join(map(str, choices)) + "}" if choices else None)
-        hlp = m["help"] if "(default" in m["help"] else f"{m['help']} ({_default_text(f, defaults)})"
+        shown = "default" in m["help"] or _is_dict_field(f)
+        hlp = m["help"] if shown else f"{m['help']} ({_default_text(f, defaults)})"
         switch = {"nargs": 0} if str(f.type).strip() == "bool" else {"metavar": metavar}
         g.add_argument(*_flags(f), dest=f.name, action=_FieldAction, field=f, default=argparse.SUPPRESS,
                        help=hlp.replace("%", "%%"), **switch)
