@@ -218,8 +218,8 @@ def test_overwrite_replaces_a_previous_run_completely(tmp_path):
     train(TrainConfig(**{**TINY, "iters": 2, "out": str(tmp_path / "r")}), overwrite=True, progress=False,
           final_eval=False, log=lambda s: None)
     assert load_checkpoint(tmp_path / "r").step == 2
-    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    assert steps == [2]  # the old run's log is gone, not appended to
+    recs = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [2]  # the old run's log is gone, not appended to
 
 
 def test_train_step_matches_a_hand_written_step():
@@ -277,7 +277,7 @@ def test_tensorboard_scalars_next_to_the_log(tmp_path):
     acc.Reload()
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [2, 4]
-    logged = [json.loads(line) for line in (tmp_path / "tb" / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in map(json.loads, (tmp_path / "tb" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["loss"] for r in logged] == pytest.approx([e.value for e in loss], rel=1e-6)
 
 
@@ -301,5 +301,20 @@ def test_progress_bar_shows_loss_and_rate(tmp_path, capsys):
 def test_log_jsonl_records(tmp_path):
     _run(tmp_path, "l", iters=6, log_every=3)
     recs = [json.loads(line) for line in Path(tmp_path / "l" / "log.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in recs] == [3, 6]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["N"] == 4 for r in recs)
+
+
+def test_api_resume_refuses_options_that_contradict_the_checkpoint(tmp_path):
+    """``train(cfg, resume=...)``: an option that is not at its default and differs from the checkpoint is an error
+    (it would be silently ignored); options that may change on resume (iters, out, evaluation...) are taken."""
+    from diffflow_ext.training.config import ConfigError
+
+    _run(tmp_path, "r", iters=2)
+    with pytest.raises(ConfigError, match="hidden"):
+        train(TrainConfig(**{**TINY, "hidden": 32, "iters": 4}), resume=str(tmp_path / "r"), progress=False,
+              final_eval=False, log=lambda s: None)
+    s = train(TrainConfig(**{**TINY, "iters": 4, "eval_seed": 7}), resume=str(tmp_path / "r"), progress=False,
+              final_eval=False, log=lambda s: None)
+    assert s["step"] == 4 and load_checkpoint(s["checkpoint"]).extra["train_config"]["eval_seed"] == 7

@@ -33,16 +33,12 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import DTYPES, PRECISIONS, TrainConfig
+from .config import DTYPES, PRECISIONS, ConfigError, TrainConfig, resumable_fields, resume_config
 from .distributed import DistContext, local_shards, setup
 from .ema import EMA
 from .run import CHECKPOINT_NAME, RunFolder, choose_out_dir
 
-__all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "RESUMABLE_OPTIONS"]
-
-#: options that may differ from the checkpoint's on ``--resume`` (length, output, reporting, device)
-RESUMABLE_OPTIONS = ("iters", "out", "eval_every", "ckpt_every", "eval_samples", "final_samples", "final_ode",
-                     "eval_lam", "device", "tensorboard", "log_every")
+__all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "build_data", "build_model"]
 
 
 #: fp16: this many consecutive overflowing (skipped) steps stop training
@@ -87,17 +83,17 @@ def build_data(cfg: TrainConfig):
     """The run's :class:`~diffflow_ext.data.DataSource` (a registered name or a path; ``--data-dir``)."""
     from ..data import get_data_source
 
-    options = dict(getattr(cfg, "data_options", None) or {})
+    options = dict(cfg.data_options or {})
     if Path(str(cfg.data)).exists():  # files and folders are split at random: --holdout applies
         options.setdefault("holdout", cfg.holdout)
-    return get_data_source(cfg.data, data_dir=getattr(cfg, "data_dir", None), seed=cfg.seed, **options)
+    return get_data_source(cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, **options)
 
 
 def network_arguments(cfg: TrainConfig) -> tuple[str, dict]:
     """``(network name, its keyword arguments)``: ``--network`` with ``--network-option``s; the MLP's width,
     depth and time embedding come from ``--hidden/--depth/--time-dim``."""
-    name = getattr(cfg, "network", "mlp")
-    kwargs = dict(getattr(cfg, "network_options", None) or {})
+    name = cfg.network
+    kwargs = dict(cfg.network_options or {})
     if name == "mlp":
         kwargs = {"hidden": cfg.hidden, "depth": cfg.depth, "time_dim": cfg.time_dim, **kwargs}
     return name, kwargs
@@ -250,9 +246,7 @@ def train(
         ck = load_checkpoint(resume)
         if "train_config" not in ck.extra:
             raise CheckpointError(f"{ck.path}: not a training checkpoint (no training config)")
-        stored = TrainConfig.from_dict(ck.extra["train_config"])
-        # training-defining options come from the checkpoint; only length / output / reporting may change
-        cfg = dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RESUMABLE_OPTIONS if hasattr(cfg, k)})
+        cfg = _resumed_config(ck, cfg)
         resume = str(ck.path)
         if cfg.iters <= ck.step:
             raise ValueError(f"--iters {cfg.iters}: the checkpoint is already at step {ck.step}; --iters is the new "
@@ -269,6 +263,21 @@ def train(
         ctx.close()
 
 
+def _resumed_config(ck, cfg: TrainConfig) -> TrainConfig:
+    """The checkpoint's configuration with the options that may change on resume taken from ``cfg``; any other
+    option of ``cfg`` that is not at its default and contradicts the checkpoint is a ``ConfigError``."""
+    resumable = set(resumable_fields())
+    defaults = TrainConfig().to_dict()
+    explicit = {k: v for k, v in cfg.to_dict().items() if k not in resumable and v != defaults.get(k)}
+    try:
+        base = resume_config(ck.extra["train_config"], explicit)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ck.path}: invalid stored training options: {e}") from None
+    return dataclasses.replace(base, **{k: getattr(cfg, k) for k in resumable})
+
+
 def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progress, log, final_eval, pictures,
            hooks, source) -> dict:
     from ..model import DiffFlow
@@ -278,7 +287,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     if ck is not None:
         from ..data import data_source_from_state
 
-        data = data_source_from_state(ck.extra["data"], data_dir=getattr(cfg, "data_dir", None))
+        data = data_source_from_state(ck.extra["data"], data_dir=cfg.data_dir)
     else:
         data = source if source is not None else build_data(cfg)
     inputs = tuple(n for n in (data.name, str(cfg.data)) if Path(n).is_file())
@@ -347,7 +356,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     try:
         if ctx.is_main:
             log(f"diffflow train: data={data.name} dim={data.dim} N={cfg.progressive or cfg.num_steps} "
-                f"grid={cfg.grid} g={cfg.diffusion} net={cfg.depth}x{cfg.hidden} batch={cfg.batch_size} "
+                f"grid={cfg.grid} g={cfg.diffusion} net={_describe_network(cfg)} batch={cfg.batch_size} "
                 f"iters={cfg.iters} lr={cfg.lr} device={ctx.device} precision={cfg.precision} "
                 f"gradient={cfg.gradient} processes={ctx.world} shards={cfg.shards} -> {out}"
                 + (f" (resumed at step {state.step})" if ck else ""))
@@ -373,7 +382,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                     raise NonFiniteError(f"training stopped at step {state.step + 1}: {e}; {where}; try a smaller "
                                          "--lr, gradient clipping (--clip 1) or --dtype float64") from None
                 if gradient_plan is None:
-                    gradient_plan = _report_gradient_plan(state.model, cfg, ctx, folder, log)
+                    gradient_plan = _report_gradient_plan(state.model, cfg, ctx, folder, log, state.step)
                 skipped_in_a_row = skipped_in_a_row + 1 if st.skipped else 0
                 if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                     raise NonFiniteError(
@@ -447,7 +456,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         t0 = time.perf_counter()
         metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
                                                ode=cfg.final_ode > 0, lam=cfg.eval_lam, device=ctx.device,
-                                               data_dir=getattr(cfg, "data_dir", None), return_samples=True)
+                                               data_dir=cfg.data_dir, return_samples=True)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
         atomic_write_text(folder.file("metrics.json"), json.dumps({**metrics, "training": summary}, indent=2) + "\n")
         buf = io.BytesIO()
@@ -472,18 +481,27 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
 
 
 
-def _report_gradient_plan(model, cfg: TrainConfig, ctx: DistContext, folder: RunFolder, log) -> dict:
+def _describe_network(cfg: TrainConfig) -> str:
+    name, kwargs = network_arguments(cfg)
+    if name == "mlp":
+        return f"mlp {kwargs['depth']}x{kwargs['hidden']}"
+    return name + (f"({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
+
+
+def _report_gradient_plan(model, cfg: TrainConfig, ctx: DistContext, folder: RunFolder, log, step: int) -> dict:
     """Once per run: what the gradient mode kept and recomputed under the memory budget (log + ``log.jsonl``)."""
     plan = dict(getattr(model, "last_gradient_plan", None) or {})
     if ctx.is_main and plan:
         budget = plan.get("budget_bytes")
         per = plan.get("graph_bytes_per_state")
         text = (f"gradient {cfg.gradient}: keeps the network graphs of {plan.get('kept')}/{plan.get('states')} states, "
-                f"recomputes {plan.get('recomputed')} (schedule {plan.get('schedule')}, memory budget "
-                + ("unlimited" if budget is None else f"{budget / 2**20:.1f} MiB")
-                + ("" if per is None else f", {per / 2**20:.2f} MiB per kept state") + ")")
+                f"recomputes {plan.get('recomputed')}")
+        if cfg.gradient == "auto":
+            text += (f" (schedule {plan.get('schedule')}, memory budget "
+                     + ("unlimited" if budget is None else f"{budget / 2**20:.1f} MiB")
+                     + ("" if per is None else f", {per / 2**20:.2f} MiB per kept state") + ")")
         log(text)
-        folder.log({"gradient_plan": plan, "memory_budget": cfg.memory_budget})
+        folder.log({"step": step, "gradient_plan": plan, "memory_budget": cfg.memory_budget})
     return plan
 
 
@@ -494,7 +512,7 @@ def write_pictures(model, data, samples, folder: RunFolder, *, step: int, metric
 
     title = f"{Path(data.name).name}: step {step}"
     if data.kind == "image":
-        plotting.sample_grid(samples, folder.file("samples.png"), title=title)
+        plotting.sample_grid(samples, folder.file("samples.png"), title=title, levels=data.levels)
         x = data.heldout(8)
         plotting.trajectory_strip(model, data.to_model(x, False), folder.file("trajectories.png"), seed=seed,
                                   lam=lam, to_unit=data.transform.to_unit)
