@@ -88,14 +88,15 @@ class Case:
     check: Callable[[Path, object], str | None] | None = None  # ok-case result check -> problem or None
     timeout: float = 60.0
     note: str = ""
+    signal: tuple[int, float] | None = None  # (signal, seconds after start): interrupt the run
 
 
 CASES: list[Case] = []
 
 
-def cli_case(id, argv, *, words=(), expect="error", setup=None, check=None, timeout=60.0, note=""):
+def cli_case(id, argv, *, words=(), expect="error", setup=None, check=None, timeout=60.0, note="", sig=None):
     CASES.append(Case(id, "cli", argv=list(argv), setup=setup, expect=expect, words=tuple(words), check=check,
-                      timeout=timeout, note=note))
+                      timeout=timeout, note=note, signal=sig))
 
 
 def api_case(id, fn, *, words=(), expect="error", setup=None, check=None, timeout=30.0, note=""):
@@ -174,7 +175,7 @@ def write_crafted_header(path: Path, edit: Callable[[dict], None], *, recompute:
     path.write_bytes(join_st(header, data))
 
 
-def ck_case(id, make: Callable[[Path], None], *, words=("checkpoint",), cmds=("sample", "eval", "resume")):
+def ck_case(id, make: Callable[[Path], None], *, words=("checkpoint",), cmds=("sample", "eval", "resume"), api=True):
     """A damaged/crafted checkpoint fed to sample, eval and train --resume, plus the API loader."""
     def setup(tmp):
         make(tmp / "bad.safetensors")
@@ -190,14 +191,15 @@ def ck_case(id, make: Callable[[Path], None], *, words=("checkpoint",), cmds=("s
                                        "--no-progress", "--final-samples", "50", "--final-ode", "0"],
                  words=words, setup=setup)
 
-    def api(tmp):
+    def load(tmp):
         from diffflow_ext.checkpoint import load_checkpoint
 
         ck = load_checkpoint(tmp / "bad.safetensors")
         ck.build_model()
         return ck
 
-    api_case(f"ckpt-{id}-api", api, words=words, setup=setup)
+    if api:
+        api_case(f"ckpt-{id}-api", load, words=words, setup=setup)
 
 
 def mkfifo(p: Path) -> None:
@@ -483,6 +485,38 @@ def build_cli_cases() -> None:
     eval_case("-ok", ["--json", "m.json"], (), expect="ok",
               check=lambda tmp, _: None if (tmp / "m.json").is_file() else "m.json not written")
 
+    # -- interrupted runs: Ctrl-C / kill -9 in the middle of training
+    def interrupted_ok(kind):
+        def check(tmp: Path, rc):
+            from diffflow_ext.checkpoint import CheckpointError, load_checkpoint
+
+            r = tmp / "r"
+            if kind == "int" and rc not in (130, 1):
+                return f"exit code {rc} after Ctrl-C (expected 130)"
+            if not r.exists():
+                return None  # interrupted before anything was written: untouched
+            names = sorted(x.name for x in r.iterdir())
+            ck = r / "checkpoint.safetensors"
+            if not ck.exists():
+                return f"folder left without a checkpoint: {names}"
+            try:
+                step = load_checkpoint(ck).step
+            except CheckpointError as e:
+                return f"checkpoint unreadable after interrupt: {e}"
+            junk = [n for n in names if n.endswith(".tmp")]
+            if junk and kind == "int":
+                return f"temporary files left after Ctrl-C: {junk}"
+            return None if step >= 0 else "bad step"
+        return check
+
+    long_run = ["train", "checkerboard", "--iters", "100000", "-b", "64", "--hidden", "8", "--depth", "1", "-N", "3",
+                "--eval-every", "0", "--ckpt-every", "5", "--no-progress", "--out", "r"]
+    for secs in (1.0, 4.0, 8.0):
+        cli_case(f"interrupt-sigint-{secs:g}s", long_run, expect="ok", sig=(signal.SIGINT, secs),
+                 check=interrupted_ok("int"), timeout=secs + 40)
+        cli_case(f"interrupt-sigkill-{secs:g}s", long_run, expect="ok", sig=(signal.SIGKILL, secs),
+                 check=interrupted_ok("kill"), timeout=secs + 40)
+
     # -- damaged / crafted checkpoints (sample, eval, resume, API)
     def trunc(n):
         return lambda p: p.write_bytes(ckpt_bytes()[:n])
@@ -532,7 +566,20 @@ def build_cli_cases() -> None:
             d = meta
             for k in keys[:-1]:
                 d = d[k]
-            d[keys[-1]] = value
+            last = keys[-1]
+            if isinstance(last, str) and last.startswith("*"):  # the key wherever it is below d
+                last = last[1:]
+                stack = [d]
+                while stack:
+                    x = stack.pop()
+                    if isinstance(x, dict):
+                        if last in x:
+                            d = x
+                            break
+                        stack.extend(x.values())
+                else:
+                    raise KeyError(last)
+            d[last] = value
         return edit
 
     def deep(n):
@@ -556,10 +603,12 @@ def build_cli_cases() -> None:
         ("step-neg", ["step"], -5, ("step",)),
         ("step-str", ["step"], "x", ("step",)),
         ("step-float", ["step"], 1.5, ("step",)),
-        ("std-zero", ["extra", "data", "std"], [0.0, 1.0], ("std",)),
-        ("std-nan", ["extra", "data", "std"], [float("nan"), 1.0], ("std",)),
-        ("std-len", ["extra", "data", "std"], [1.0] * 1000, ("std",)),
-        ("std-str", ["extra", "data", "std"], "x", ("std",)),
+        ("std-zero", ["extra", "data", "*std"], [0.0, 1.0], ("std",)),
+        ("std-nan", ["extra", "data", "*std"], [float("nan"), 1.0], ("std",)),
+        ("std-len", ["extra", "data", "*std"], [1.0] * 1000, ("std",)),
+        ("std-str", ["extra", "data", "*std"], "x", ("std",)),
+        ("mean-inf", ["extra", "data", "*mean"], [float("inf"), 0.0], ("mean",)),
+        ("data-shape-bad", ["extra", "data", "shape"], [10**12], ("shape",)),
         ("data-name-etc-passwd", ["extra", "data"], {"name": "/etc/passwd", "kind": "file", "seed": 0,
                                                       "holdout": 0.1, "dim": 2, "mean": [0, 0], "std": [1, 1],
                                                       "sha256": "0" * 64}, ("passwd", "data")),
@@ -597,7 +646,24 @@ def build_cli_cases() -> None:
                 write_crafted(p, _e)
         # train --resume builds the model from the stored training config: a crafted model_config is unused there
         cmds = ("sample", "eval") if keys[:1] == ["model_config"] else ("sample", "eval", "resume")
-        ck_case(f"crafted-{cid}", make, words=words, cmds=cmds)
+        # the loader does not interpret meta.extra (its consumers do): no API variant for those
+        ck_case(f"crafted-{cid}", make, words=words, cmds=cmds, api=keys[:1] != ["extra"])
+
+    def secret_source(p):
+        """The stored data source points at a file whose content must never appear in an error."""
+        secret = p.parent / "secret.csv"
+        secret.write_text("s3cr3t-token,hunter2\n1,2\n")
+
+        def edit(meta):
+            d = meta["extra"]["data"]
+            if isinstance(d.get("source"), dict):
+                d["source"]["name"] = str(secret)
+            else:
+                d["name"] = str(secret)
+                d["kind"] = "file"
+        write_crafted(p, edit)
+
+    ck_case("crafted-data-source-secret-file", secret_source, words=("secret.csv", "data", "changed", "sha"), api=False)
 
     def shape_lie(p):
         def edit(h):
@@ -904,10 +970,17 @@ def run_child(case: Case, tmp: Path) -> tuple[int | None, str, str, bool, float]
             os._exit(rc if isinstance(rc, int) else 1)
     deadline = t0 + case.timeout
     hung = False
+    sent = case.signal is None
     while True:
         wpid, status = os.waitpid(pid, os.WNOHANG)
         if wpid:
             break
+        if not sent and time.perf_counter() > t0 + case.signal[1]:
+            try:
+                os.killpg(pid, case.signal[0])
+            except OSError:
+                pass
+            sent = True
         if time.perf_counter() > deadline:
             hung = True
             try:
@@ -926,6 +999,8 @@ def run_child(case: Case, tmp: Path) -> tuple[int | None, str, str, bool, float]
 
 
 def classify(case: Case, tmp: Path, before: dict, rc, out: str, err: str, hung: bool) -> tuple[str, str]:
+    if "s3cr3t" in err or "hunter2" in err or "s3cr3t" in out:
+        return "unclear", "the error quotes the content of a file"
     after = snapshot(tmp)
     changed = [k for k, v in before.items() if after.get(k) != v]
     if changed:
@@ -934,6 +1009,11 @@ def classify(case: Case, tmp: Path, before: dict, rc, out: str, err: str, hung: 
         return "hang", f"no result after {case.timeout:.0f} s"
     new = sorted(set(after) - set(before))
     words_ok = lambda msg: not case.words or any(w.lower() in msg.lower() for w in case.words)  # noqa: E731
+    if case.signal is not None:
+        prob = case.check(tmp, rc) if case.check else None
+        if "Traceback (most recent call last)" in err and case.signal[0] != signal.SIGKILL:
+            return "traceback", (err.strip().splitlines() or [""])[-1][:200]
+        return ("silent", prob) if prob else ("clean", f"rc={rc}")
     if case.kind == "cli":
         lines = [ln for ln in err.splitlines() if ln.strip()]
         if "Traceback (most recent call last)" in err:
