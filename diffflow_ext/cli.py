@@ -432,7 +432,8 @@ def _stored_config(ck) -> TrainConfig:
     """The training options stored in checkpoint ``ck``, validated (one line naming the file and the option)."""
     stored = ck.extra.get("train_config")
     if not isinstance(stored, dict):
-        raise CLIError(f"{ck.path}: not a training checkpoint (no training options stored)", 1)
+        raise CLIError(f"{ck.path}: not a training checkpoint (stored train_config: expected a dict of training "
+                       f"options, got {type(stored).__name__})", 1)
     try:
         return TrainConfig.from_dict(stored)
     except ConfigError as e:
@@ -599,6 +600,7 @@ def _cmd_sample(args) -> int:
     if png_off:
         png = None
     plan = _sampler_plan(o, typed, _stored_config(ck).to_dict())
+    transform = _stored_transform(ck)
     device = resolve_device(o.device)
     model = ck.build_model(use_ema=not args.no_ema).to(device)
     numel = math.prod(model.data_shape)
@@ -610,8 +612,11 @@ def _cmd_sample(args) -> int:
     if not torch.isfinite(z).all():
         raise CLIError(f"sampling produced non-finite values (lam={lam}, steps={o.num_steps or model.num_steps}); "
                        "nothing was written", 1)
-    src = _data_source(ck)
-    x = _to_data_space(ck, src, z)
+    src, why = _data_source(ck)
+    if why is not None and png is not None:
+        print(f"diffflow sample: note: the training data is not available ({why}); the picture shows the samples "
+              "alone", file=sys.stderr)
+    x = _to_data_space(src.transform if src is not None else transform, z)
     if x.dtype.kind == "f":
         x = x.astype(np.float32)
     msg: dict[str, Any] = {"samples": str(out), "n": o.n, "method": o.method, "lam": lam,
@@ -625,54 +630,48 @@ def _cmd_sample(args) -> int:
         tmps[0].write_bytes(buf.getvalue())
         if png is not None:
             msg.update(_sample_picture(src, x, tmps[1], f"{o.n} samples, {o.method}, lam={lam}", o.n,
-                                       _levels(ck, src)))
+                                       _levels(transform)))
             msg["picture"] = str(png)
     print(json.dumps(msg, indent=2))
     return 0
 
 
-def _data_source(ck):
-    """The run's data source rebuilt from the checkpoint, or None when its files are gone (sampling still works:
-    the transform is stored in the checkpoint)."""
-    from .data import data_source_from_state
+def _stored_transform(ck):
+    """The model-space -> data-space map stored in checkpoint ``ck`` (validated; one-line error naming the file)."""
+    from .data.base import Transform
 
     state = ck.extra.get("data")
-    if not isinstance(state, dict):
-        return None
+    if isinstance(state, dict) and "transform" not in state and "mean" in state and "std" in state:
+        state = {"transform": {"name": "standardize", "mean": state["mean"], "std": state["std"]}}  # old format
+    if not isinstance(state, dict) or not isinstance(state.get("transform"), dict):
+        raise CLIError(f"{ck.path}: the stored data state has no transform (model space -> data space)", 1)
     try:
-        return data_source_from_state(state)
-    except (ValueError, OSError):
-        return None
+        return Transform.from_state(state["transform"])
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{ck.path}: invalid stored data transform ({_one_line(e)})", 1) from None
 
 
-def _to_data_space(ck, src, z):
-    """Model samples -> data space (numpy): the source's transform, else the one stored in the checkpoint."""
-    import numpy as np
+def _data_source(ck) -> tuple[Any, str | None]:
+    """``(source, None)``: the run's data rebuilt from the checkpoint, or ``(None, why)`` when its files are not at
+    hand (sampling does not need them: the transform is stored; the picture then shows the samples alone)."""
+    from .data import data_source_from_state
 
-    z = z.detach().cpu()
-    if src is not None:
-        return src.to_data(z).numpy()
-    state = ck.extra.get("data") if isinstance(ck.extra.get("data"), dict) else {}
-    if isinstance(state.get("transform"), dict):
-        from .data.base import Transform
-
-        return Transform.from_state(state["transform"]).to_data(z).numpy()
-    z = z.double().numpy()
-    if "mean" in state and "std" in state:
-        return z.reshape(len(z), -1) * np.asarray(state["std"]) + np.asarray(state["mean"])
-    return z
+    try:
+        return data_source_from_state(ck.extra.get("data")), None
+    except (ValueError, OSError) as e:
+        return None, _one_line(e)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CLIError(f"{ck.path}: invalid stored data state ({type(e).__name__}: {_one_line(e)})", 1) from None
 
 
-def _levels(ck, src) -> int | None:
-    """Grey levels of image data (from the source, else from the transform stored in the checkpoint)."""
-    if src is not None:
-        return src.levels
-    state = ck.extra.get("data") if isinstance(ck.extra.get("data"), dict) else {}
-    if isinstance(state.get("transform"), dict):
-        from .data.base import Transform
+def _to_data_space(transform, z):
+    """Model samples -> data space (numpy)."""
+    return transform.to_data(z.detach().cpu()).numpy()
 
-        return getattr(Transform.from_state(state["transform"]), "levels", None)
-    return None
+
+def _levels(transform) -> int | None:
+    """Grey levels of image data (None for points)."""
+    return getattr(transform, "levels", None)
 
 
 def _sample_picture(src, x, path: Path, title: str, n: int, levels: int | None) -> dict:

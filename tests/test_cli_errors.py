@@ -292,6 +292,30 @@ def test_crafted_stored_options_are_one_line(run_dir, tmp_path, capsys, bad):
     assert not (tmp_path / "s.npy").exists()
 
 
+@pytest.mark.parametrize("data", [None, {"kind": "bogus"}, {"source": {"name": "checkerboard"}, "transform": "x"}])
+def test_sample_refuses_a_stored_data_state_without_a_valid_transform(run_dir, tmp_path, capsys, data):
+    from diffflow_ext.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(run_dir)
+    path = tmp_path / "c" / "checkpoint.safetensors"
+    save_checkpoint(path, model=ck.build_model(), step=ck.step, extra={**ck.extra, "data": data})
+    rc, lines = _run(["sample", path, "-n", "5", "--out", tmp_path / "s.npy"], capsys)
+    _one_line_error(rc, lines, flag=str(path), code=1)
+    assert not (tmp_path / "s.npy").exists()  # never samples left in model space
+
+
+def test_sample_without_the_training_data_uses_the_stored_transform(tmp_path, capsys):
+    pts = np.random.default_rng(0).normal(size=(300, 2)) * [1.0, 3.0] + [10.0, -5.0]
+    f = tmp_path / "pts.npy"
+    np.save(f, pts)
+    assert main(["train", str(f), "--out", str(tmp_path / "r"), *TINY]) == 0
+    f.unlink()  # the data moved away: samples are still in data units
+    rc, lines = _run(["sample", tmp_path / "r", "-n", "400", "--out", tmp_path / "s.npy"], capsys)
+    assert rc == 0 and len(lines) == 1 and "not available" in lines[0]
+    x = np.load(tmp_path / "s.npy")
+    assert abs(x[:, 0].mean() - 10.0) < 1.5 and abs(x[:, 1].mean() + 5.0) < 3.0  # not model space (mean ~0)
+
+
 # ----------------------------------------------------------------------------- the top-level handler
 
 
