@@ -165,3 +165,26 @@ def test_safetensors_header_length_starting_with_pickle_marker_is_not_mistaken_f
     assert f.read_bytes()[:1] == b"\x80"
     with pytest.raises(CheckpointError, match="not a diffflow_ext checkpoint"):
         load_checkpoint(f)
+
+
+def test_long_config_lists_and_lambda_scheduler_round_trip(tmp_path):
+    """The metadata schema admits what real runs store: a per-grid-point g of N+1 values, a LambdaLR state."""
+    m = DiffFlow.mlp(2, hidden=8, depth=1, num_steps=200, diffusion=[0.2 + 1e-3 * i for i in range(201)])
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 ** it)
+    sch.step()
+    p = save_checkpoint(tmp_path / "c.safetensors", model=m, optimizer=opt, scheduler=sch, step=1)
+    ck = load_checkpoint(p)
+    assert ck.build_model().config() == m.config()
+    sch2 = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 ** it)
+    ck.restore(scheduler=sch2, restore_global_rng=False)
+    assert sch2.last_epoch == 1
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    m = DiffFlow.mlp(2, hidden=8, depth=1, num_steps=3)
+    with pytest.raises(CheckpointError, match="meta.step"):
+        save_checkpoint(tmp_path / "c.safetensors", model=m, step=-1)
+    with pytest.raises(CheckpointError, match="generator state"):
+        save_checkpoint(tmp_path / "c.safetensors", model=m, generators={"g": torch.zeros(3)})
+    assert not any(tmp_path.iterdir())
