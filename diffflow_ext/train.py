@@ -9,10 +9,9 @@ from __future__ import annotations
 import sys
 
 from .training.config import TrainConfig, parse_progressive
-from .training.data import DataSource, Standardizer
 from .training.loop import NonFiniteError, train
 
-__all__ = ["TrainConfig", "DataSource", "Standardizer", "NonFiniteError", "train", "main", "parse_progressive"]
+__all__ = ["TrainConfig", "NonFiniteError", "train", "main", "parse_progressive"]
 
 
 def main(argv: list[str] | None = None) -> int:
