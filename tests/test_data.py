@@ -24,7 +24,9 @@ def test_registry_names():
         "checkerboard", "olympic_rings", "four_rings", "2spirals", "8gaussians",
         "moons", "swissroll", "sierpinski_carpet", "fractal_tree",
     }
-    assert set(SHARP) == {"checkerboard", "olympic_rings", "four_rings", "2spirals", "sierpinski_carpet", "fractal_tree"}
+    assert set(SHARP) == {
+        "checkerboard", "olympic_rings", "four_rings", "2spirals", "sierpinski_carpet", "fractal_tree",
+    }
     assert toy2d.get("Checkerboard") is toy2d.DATASETS["checkerboard"]
     assert toy2d.get("tree").name == "fractal_tree"
 
@@ -216,3 +218,113 @@ def test_mnist_local_copy():
     assert x.shape == (10000, 28, 28) and x.dtype == torch.uint8
     assert y.shape == (10000,) and y.min() == 0 and y.max() == 9
     assert y[:5].tolist() == [7, 2, 1, 0, 4]
+
+
+# ----------------------------------------------------------------------------- data-source registry
+
+
+def test_registry_lists_every_kind():
+    from diffflow_ext.data import DATA_KINDS, data_source_names
+
+    names = data_source_names()
+    assert set(ALL) <= set(names)
+    assert {"mnist", "cifar10", "digits"} <= set(data_source_names("image"))
+    assert set(data_source_names("tabular")) == {"power", "gas", "hepmass", "miniboone", "bsds300"}
+    assert DATA_KINDS == ("points", "tabular", "image")
+
+
+def test_unknown_source_lists_the_names():
+    from diffflow_ext.data import DataSourceError, UnknownDataSourceError, get_data_source
+
+    with pytest.raises(UnknownDataSourceError) as ei:
+        get_data_source("mnistt")
+    msg = str(ei.value)
+    assert "'mnistt'" in msg and "mnist" in msg and "checkerboard" in msg and "\n" not in msg
+    assert isinstance(ei.value, DataSourceError) and isinstance(ei.value, ValueError)
+    with pytest.raises(DataSourceError, match="do not apply to checkerboard"):
+        get_data_source("checkerboard", holdout=0.2)
+    with pytest.raises(DataSourceError, match="seed"):
+        get_data_source("checkerboard", seed=-1)
+
+
+def test_toy_source_stream_heldout_and_support():
+    from diffflow_ext.data import get_data_source
+
+    src = get_data_source("Tree", seed=4)  # aliases and case as in toy2d.get
+    assert src.name == "fractal_tree" and src.kind == "points" and src.streaming and src.shape == (2,)
+    ds = toy2d.get("tree")
+    # the transform is the standardisation of 100k seeded points; the held-out set a fixed seeded draw
+    ref = ds.sample_numpy(100_000, np.random.default_rng([4, 1]))
+    np.testing.assert_allclose(src.transform.mean.numpy(), ref.mean(0))
+    np.testing.assert_allclose(src.transform.std.numpy(), ref.std(0))
+    np.testing.assert_array_equal(src.heldout(300).numpy(), ds.sample_numpy(300, np.random.default_rng([4, 2])))
+    b = src.train_batch(64, np.random.default_rng(0), dtype=torch.float64)
+    np.testing.assert_allclose(src.to_data(b).numpy(), ds.sample_numpy(64, np.random.default_rng(0)), atol=1e-12)
+    assert src.contains(src.heldout(100)).all()
+    assert src.log_det == pytest.approx(-np.log(ref.std(0)).sum())
+    with pytest.raises(Exception, match="no exact support"):
+        get_data_source("moons").contains(np.zeros((2, 2)))
+
+
+def test_point_file_source_split_and_state(tmp_path):
+    import json
+
+    from diffflow_ext.data import DataSourceError, data_source_from_state, get_data_source
+
+    a = np.random.default_rng(0).normal(size=(100, 3)) * [1, 5, 0.1]
+    np.save(tmp_path / "p.npy", a)
+    src = get_data_source(str(tmp_path / "p.npy"), seed=2, holdout=0.2)
+    tr, te = src.split("train").numpy(), src.split("test").numpy()
+    assert src.kind == "points" and len(tr) == 80 and len(te) == 20
+    np.testing.assert_array_equal(np.sort(np.concatenate([tr, te]), 0), np.sort(a, 0))
+    np.testing.assert_allclose(src.transform.std.numpy(), tr.std(0))  # train statistics only
+    st = json.loads(json.dumps(src.state()))
+    again = data_source_from_state(st)
+    assert torch.equal(again.split("test"), src.split("test"))
+    np.save(tmp_path / "p.npy", a + 1)
+    with pytest.raises(DataSourceError, match="changed since training"):
+        data_source_from_state(st)
+    with pytest.raises(DataSourceError, match="not found"):
+        get_data_source(str(tmp_path / "nope.csv"))
+    whole = get_data_source(str(tmp_path / "p.npy"), holdout=0.0)
+    assert whole.info["test_is_train"] and len(whole.split("test")) == 100
+
+
+def test_legacy_checkpoint_state_is_read():
+    from diffflow_ext.data import data_source_from_state
+
+    old = {"name": "checkerboard", "seed": 3, "holdout": 0.1, "dim": 2, "kind": "toy", "mean": [0.1, 0.2],
+           "std": [0.5, 0.6]}
+    src = data_source_from_state(old)
+    assert src.name == "checkerboard" and src.transform.std.tolist() == [0.5, 0.6]
+    np.testing.assert_array_equal(src.heldout(10).numpy(),
+                                  toy2d.get("checkerboard").sample_numpy(10, np.random.default_rng([3, 2])))
+
+
+def test_register_a_custom_source():
+    from diffflow_ext.data import DATA_SOURCES, DataSource, Standardize, get_data_source, register_data_source
+
+    @register_data_source("unit-test-line", kind="points", help="points on a line")
+    def _line(*, data_dir=None, seed: int = 0, n: int = 50):
+        x = torch.linspace(-1, 1, n, dtype=torch.float64)[:, None].repeat(1, 2)
+        x[:, 1] += 0.01 * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return DataSource("unit-test-line", kind="points", shape=(2,), transform=Standardize.fit(x),
+                          splits={"train": x, "test": x})
+
+    try:
+        src = get_data_source("unit-test-line", n=20, seed=1)
+        assert src.split_size("train") == 20
+        assert src.state()["source"] == {"name": "unit-test-line", "options": {"seed": 1, "data_dir": None, "n": 20}}
+        with pytest.raises(Exception, match="valid: n"):
+            get_data_source("unit-test-line", m=3)
+    finally:
+        DATA_SOURCES.pop("unit-test-line")
+
+
+def test_data_source_options():
+    from diffflow_ext.data import data_source_options
+
+    assert data_source_options("checkerboard") == []
+    assert data_source_options("mnist") == ["pad_to", "val"]
+    assert data_source_options("gas") == ["allow_pickle"]
+    assert data_source_options("pts.csv") == ["holdout"]

@@ -21,6 +21,7 @@ from .base import (
     UnknownDataSourceError,
     data_source_from_state,
     data_source_names,
+    data_source_options,
     get_data_source,
     register_data_source,
 )
@@ -32,5 +33,5 @@ __all__ = [
     "sources", "toy2d", "DATASETS", "UnknownDatasetError", "load_points", "DataFileError", "load_mnist",
     "DATA_KINDS", "DATA_SOURCES", "DataSource", "DataSourceError", "UnknownDataSourceError", "ImageSource",
     "Transform", "Standardize", "Dequantize", "register_data_source", "get_data_source", "data_source_names",
-    "data_source_from_state",
+    "data_source_options", "data_source_from_state",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "register_data_source",
     "get_data_source",
     "data_source_names",
+    "data_source_options",
     "data_source_from_state",
     "DATA_SOURCES",
     "sha256_array",
@@ -430,11 +431,18 @@ def _looks_like_path(spec: str) -> bool:
         or Path(spec).exists()
 
 
-def _check_options(name: str, factory: Callable, options: dict) -> None:
+def _option_names(factory: Callable) -> list[str] | None:
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None  # anything goes
+    return sorted(k for k, p in params.items() if k not in ("data_dir", "seed")
+                  and (p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not inspect.Parameter.empty))
+
+
+def _check_options(name: str, factory: Callable, options: dict) -> None:
+    valid = _option_names(factory)
+    if valid is None:
         return
-    valid = sorted(k for k in params if k not in ("data_dir", "seed"))
     bad = sorted(set(options) - set(valid))
     if bad:
         raise DataSourceError(f"data option(s) {', '.join(bad)} do not apply to {name}; valid: "
@@ -478,6 +486,18 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
         return src
     names = ", ".join(sorted(DATA_SOURCES))
     raise UnknownDataSourceError(f"unknown data source {s!r}: not a file, and not one of: {names}")
+
+
+def data_source_options(spec: str) -> list[str] | None:
+    """The option names ``get_data_source(spec, **options)`` accepts (``None``: any), e.g. to pass ``holdout``
+    only to sources that split at random."""
+    from . import sources
+
+    s = str(spec)
+    key = _ALIASES.get(s.lower(), s.lower())
+    if key in DATA_SOURCES and not (Path(s).exists() and os.sep in s):
+        return _option_names(DATA_SOURCES[key].factory)
+    return sources.path_options(s)
 
 
 def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = None) -> DataSource:

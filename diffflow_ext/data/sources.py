@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from . import toy2d
-from .base import _ALIASES, DataSource, DataSourceError, Standardize, register_data_source
+from .base import _ALIASES, DataSource, DataSourceError, Standardize, _check_options, register_data_source
 from .files import DataFileError, load_points
 
-__all__ = ["ToySource", "points_source", "source_from_path"]
+__all__ = ["ToySource", "points_source", "source_from_path", "path_options"]
 
 
 class ToySource(DataSource):
@@ -76,6 +76,19 @@ def _npy_ndim(path: Path) -> int | None:
         return None
 
 
+def path_options(path: str | os.PathLike) -> list[str]:
+    """Option names a path source accepts (see :func:`source_from_path`)."""
+    from .base import _option_names
+    from .images import array_image_source, png_folder_source
+
+    p = Path(path)
+    if p.is_dir():
+        return _option_names(png_folder_source) or []
+    if p.suffix.lower() == ".npz" or (p.suffix.lower() == ".npy" and (_npy_ndim(p) or 0) >= 3):
+        return _option_names(array_image_source) or []
+    return ["holdout"]
+
+
 def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> DataSource:
     """A source for a file or folder: points (``.csv``/``.txt``/``.npy`` of ``(n, d)``), images (``.npz``,
     ``.npy`` of ``uint8`` with 3 or 4 axes, or a folder of PNG files)."""
@@ -85,14 +98,12 @@ def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> Da
     if not p.exists():
         raise DataSourceError(f"data file not found: {p}")
     if p.is_dir():
+        _check_options(f"a PNG folder ({p.name})", png_folder_source, options)
         return png_folder_source(p, seed=seed, **options)
     ext = p.suffix.lower()
-    if ext == ".npz":
+    if ext == ".npz" or (ext == ".npy" and (_npy_ndim(p) or 0) >= 3):
+        _check_options(f"an image array ({p.name})", array_image_source, options)
         return array_image_source(p, seed=seed, **options)
-    if ext == ".npy":
-        ndim = _npy_ndim(p)
-        if ndim is not None and ndim >= 3:
-            return array_image_source(p, seed=seed, **options)
     unknown = set(options) - {"holdout"}
     if unknown:
         raise DataSourceError(f"{p.name}: options {sorted(unknown)} do not apply to a point file (only holdout)")
