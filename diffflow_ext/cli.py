@@ -575,12 +575,22 @@ def _sampler_plan(o: SamplingOptions, typed: dict[str, str], train_config: dict)
         get_sampler(o.method, **o.sampler_options)
     except (TypeError, ValueError) as e:
         raise CLIError(f"{flag} (--method {o.method}): {_one_line(e)}") from None
+    if o.sampler_options and not _model_takes_sampler_options():
+        raise CLIError(f"{flag}: this version of DiffFlow.sample takes no sampler options", 1)
     plan: dict[str, Any] = {"lam": lam}
     if o.method != "em" or o.sampler_options:
         plan["method"] = o.method
     if o.sampler_options:
         plan["sampler_options"] = dict(o.sampler_options)
     return plan
+
+
+def _model_takes_sampler_options() -> bool:
+    import inspect
+
+    from .model import DiffFlow
+
+    return "sampler_options" in inspect.signature(DiffFlow.sample).parameters
 
 
 def _cmd_sample(args) -> int:
@@ -717,14 +727,26 @@ def _cmd_eval(args) -> int:
         _refuse_existing(Path(o.json), typed.get("json", "--json"), args.overwrite)
     if o.fid_weights is not None and o.fid == "off":
         raise CLIError(f"{typed['fid_weights']} has no effect with {typed.get('fid', '--fid')} off")
+    if o.data_dir is not None and not Path(o.data_dir).is_dir():
+        raise CLIError(f"{typed['data_dir']} {o.data_dir}: not a folder", 1)
+    ck = load_checkpoint(args.checkpoint)
+    tc = _stored_config(ck).to_dict()
+    plan = _sampler_plan(o, typed, tc)
+    images = _levels(_stored_transform(ck)) is not None
+    if o.data is None and not images:
+        for k, what in (("draws", "dequantisation draws"), ("fid_weights", "FID")):
+            if k in typed:
+                raise CLIError(f"{typed[k]}: {what} apply to image data; this run was trained on vectors")
+        if o.fid == "on":
+            raise CLIError(f"{typed['fid']} on: FID applies to image data; this run was trained on vectors")
+    if "split" in typed and o.data is None:
+        src, why = _data_source(ck)
+        if src is not None and src.streaming:
+            raise CLIError(f"{typed['split']}: {src.name} is generated (no splits; its held-out set is a fixed draw)")
     if o.fid_weights is not None or o.fid == "on":
         from .evaluation.fid import resolve_fid_weights
 
         resolve_fid_weights(o.fid_weights)  # fails now (one line naming --fid-weights) rather than after sampling
-    if o.data_dir is not None and not Path(o.data_dir).is_dir():
-        raise CLIError(f"{typed['data_dir']} {o.data_dir}: not a folder", 1)
-    tc = _stored_config(load_checkpoint(args.checkpoint)).to_dict()
-    plan = _sampler_plan(o, typed, tc)
     device = resolve_device(o.device)
     n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))
     n_ode = o.n_ode if o.n_ode is not None else int(tc.get("final_ode", 500))

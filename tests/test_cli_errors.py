@@ -248,6 +248,13 @@ def test_sample_with_another_sampler(run_dir, tmp_path, capsys):
     assert x.shape == (20, 2) and np.isfinite(x).all()
 
 
+@pytest.mark.parametrize("args,flag", [(["--draws", "5"], "--draws"), (["--fid", "on"], "--fid"),
+                                       (["--split", "val"], "--split")])
+def test_eval_options_that_vectors_would_ignore(run_dir, capsys, args, flag):
+    rc, lines = _run(["eval", run_dir, *args], capsys)
+    _one_line_error(rc, lines, flag=flag, code=2)
+
+
 def test_eval_json_refuses_existing_file(run_dir, tmp_path, capsys):
     j = tmp_path / "m.json"
     j.write_text("keep me")
