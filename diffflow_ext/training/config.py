@@ -31,8 +31,8 @@ from ..schedules import GRIDS
 
 __all__ = [
     "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "DATA_KINDS", "resolve_config", "resume_config",
-    "parse_progressive", "parse_memory_budget", "DTYPES", "PRECISIONS", "DEVICE_PATTERN", "MAX_NUM_STEPS",
-    "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
+    "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS", "DEVICE_PATTERN",
+    "MAX_NUM_STEPS", "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,6 +43,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: the largest number of SDE steps a run may use (the adjoint keeps N+1 states; the paper uses N <= 100)
 MAX_NUM_STEPS = 10_000
 DATA_KINDS = ("points", "tabular", "image")
+#: learning-rate schedules: step (x --lr-decay every --lr-decay-every iterations), cosine (to 0 at --iters), constant
+LR_SCHEDULES = ("step", "cosine", "constant")
 
 _MAX_SEED = 2**32 - 1
 _MAX_COUNT = 10**9
@@ -288,8 +290,14 @@ class TrainConfig:
     iters: int = option(2000, "total training iterations (on --resume: the new total)", group=_O, resume=True,
                         range=_int(1))
     lr: float = option(5e-3, "learning rate (Adam)", group=_O, range=Range(0, 10, lo_open=True))
-    lr_decay: float = option(0.95, "step decay factor of the learning rate", group=_O, range=Range(0, 1, lo_open=True))
-    lr_decay_every: int = option(100, "iterations between decays (0: off)", group=_O, range=_int(0))
+    lr_schedule: str = option("step", "learning-rate schedule after the warm-up (step: x --lr-decay every "
+                                      "--lr-decay-every iterations; cosine: to 0 at --iters; constant)", group=_O,
+                              choices=lambda: LR_SCHEDULES)
+    lr_warmup: int = option(0, "iterations of linear learning-rate warm-up (0: none)", group=_O, range=_int(0))
+    lr_decay: float = option(0.95, "step decay factor of the learning rate (--lr-schedule step)", group=_O,
+                             range=Range(0, 1, lo_open=True))
+    lr_decay_every: int = option(100, "iterations between decays (--lr-schedule step; 0: off)", group=_O,
+                                 range=_int(0))
     ema: float = option(0.995, "EMA decay of the weights (0: off)", group=_O, range=Range(0, 1, hi_open=True))
     clip: float = option(1.0, "gradient-norm clipping (0: off)", group=_O, range=Range(0, 1e12))
     seed: int = option(0, "seed of the data stream, the noise and the initialisation", group=_O,
@@ -431,6 +439,11 @@ def explicit_conflicts(explicit: Mapping[str, Any]) -> list[Issue]:
                          "(the progressive schedule ends at its END)"))
     if explicit.get("lr_decay_every") == 0 and "lr_decay" in explicit:
         out.append(Issue(("lr_decay", "lr_decay_every"), "{lr_decay} has no effect with {lr_decay_every} 0"))
+    if explicit.get("lr_schedule", "step") != "step":
+        for k in ("lr_decay", "lr_decay_every"):
+            if k in explicit:
+                out.append(Issue((k, "lr_schedule"), f"{{{k}}} applies to {{lr_schedule}} step, not "
+                                                     f"{explicit['lr_schedule']}"))
     if explicit.get("eval_every") == 0 and "eval_samples" in explicit:
         out.append(Issue(("eval_samples", "eval_every"), "{eval_samples} has no effect with {eval_every} 0"))
     return out
