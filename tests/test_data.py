@@ -327,4 +327,54 @@ def test_data_source_options():
     assert data_source_options("checkerboard") == []
     assert data_source_options("mnist") == ["pad_to", "val"]
     assert data_source_options("gas") == ["allow_pickle"]
-    assert data_source_options("pts.csv") == ["holdout"]
+    assert data_source_options("pts.csv") == ["holdout", "outliers"]
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"transform": {"name": "standardize", "mean": [0.0, 0.0], "std": [1.0, 0.0]}}, r"std\[1\] must be a pos"),
+    ({"transform": {"name": "standardize", "mean": [0.0, float("inf")], "std": [1.0, 1.0]}}, "mean.1. must be finite"),
+    ({"transform": {"name": "standardize", "mean": [0.0, 0.0], "std": ["x", 1.0]}}, "list of numbers"),
+    ({"transform": {"name": "standardize", "mean": [0.0], "std": [1.0]}}, "does not fit"),
+    ({"transform": {"name": "bogus"}}, "unknown transform"),
+    ({"kind": "bogus"}, "kind must be one of"),
+    ({"shape": [10**12]}, "shape must be"),
+    ({"shape": [3]}, "do not match"),
+    ({"source": {"name": 3}}, "source must be"),
+    ({"sha256": {"train": 5}}, "sha256"),
+])
+def test_crafted_stored_state_is_refused(tmp_path, patch, match):
+    from diffflow_ext.data import DataSourceError, data_source_from_state, get_data_source
+
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).normal(size=(40, 2)))
+    st = {**get_data_source(str(tmp_path / "p.npy")).state(), **patch}
+    with pytest.raises(DataSourceError, match=match) as ei:
+        data_source_from_state(st)
+    assert "\n" not in str(ei.value)
+
+
+def test_changed_file_is_refused_before_it_is_parsed(tmp_path):
+    from diffflow_ext.data import DataSourceError, data_source_from_state, get_data_source
+
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).normal(size=(40, 2)))
+    st = get_data_source(str(tmp_path / "p.npy")).state()
+    np.save(tmp_path / "p.npy", np.zeros((1, 2)))  # would fail parsing ("at least 2 points") if read
+    with pytest.raises(DataSourceError, match="changed since training"):
+        data_source_from_state(st)
+
+
+def test_point_file_options_outliers_and_npz(tmp_path):
+    from diffflow_ext.data import DataSourceError, data_source_options, get_data_source
+
+    a = np.random.default_rng(0).normal(size=(200, 2))
+    a[5, 1] = 1e30
+    np.save(tmp_path / "o.npy", a)
+    with pytest.raises(DataSourceError, match="outliers"):
+        get_data_source(str(tmp_path / "o.npy"))
+    with pytest.warns(UserWarning):
+        assert get_data_source(str(tmp_path / "o.npy"), outliers="warn").kind == "points"
+    with pytest.raises(DataSourceError, match="'error', 'warn' or 'ignore'"):
+        get_data_source(str(tmp_path / "o.npy"), outliers="drop")
+    np.savez(tmp_path / "p.npz", pts=np.random.default_rng(1).normal(size=(30, 3)))
+    src = get_data_source(str(tmp_path / "p.npz"), outliers="ignore")
+    assert src.kind == "points" and src.shape == (3,)
+    assert data_source_options(str(tmp_path / "p.npz")) == ["holdout", "outliers"]

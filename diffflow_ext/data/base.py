@@ -56,6 +56,7 @@ __all__ = [
     "data_source_from_state",
     "DATA_SOURCES",
     "sha256_array",
+    "file_sha256",
 ]
 
 DATA_KINDS = ("points", "tabular", "image")
@@ -119,13 +120,52 @@ class Transform:
 
     @staticmethod
     def from_state(s: dict) -> "Transform":
+        """Rebuild a transform from :meth:`state`, type- and range-checking every stored value."""
         kinds = {"identity": Transform, "standardize": Standardize, "dequantize": Dequantize}
         if not isinstance(s, dict) or s.get("name") not in kinds:
-            raise DataSourceError(f"unknown transform in stored data state: {s!r}")
+            name = s.get("name") if isinstance(s, dict) else type(s).__name__
+            raise DataSourceError(f"stored data state: unknown transform {str(name)[:40]!r} "
+                                  f"(expected one of {', '.join(kinds)})")
         cls = kinds[s["name"]]
         if cls is Transform:
             return Transform()
-        return cls(**{k: v for k, v in s.items() if k != "name"})
+        if cls is Standardize:
+            mean, std = _numbers(s.get("mean"), "transform.mean"), _numbers(s.get("std"), "transform.std")
+            if len(mean) != len(std):
+                raise DataSourceError(f"stored data state: transform.mean has {len(mean)} values, std {len(std)}")
+            bad = [i for i, v in enumerate(std) if not v > 0]
+            if bad:
+                raise DataSourceError(f"stored data state: transform.std[{bad[0]}] must be a positive finite number, "
+                                      f"got {std[bad[0]]}")
+            return Standardize(mean, std)
+        levels, shape = s.get("levels"), s.get("shape")
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+            raise DataSourceError(f"stored data state: transform.levels must be an integer in [2, 256], got "
+                                  f"{str(levels)[:40]}")
+        low, high = _numbers([s.get("low", -1.0), s.get("high", 1.0)], "transform.low/high")
+        return Dequantize(levels, _shape(shape, "transform.shape"), low, high)
+
+
+_MAX_NUMEL = 2**24
+
+
+def _numbers(v, what: str) -> list[float]:
+    if not isinstance(v, list) or not v or len(v) > _MAX_NUMEL or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+        raise DataSourceError(f"stored data state: {what} must be a non-empty list of numbers")
+    bad = [i for i, x in enumerate(v) if not math.isfinite(x)]
+    if bad:
+        raise DataSourceError(f"stored data state: {what}[{bad[0]}] must be finite, got {v[bad[0]]}")
+    return [float(x) for x in v]
+
+
+def _shape(v, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not 1 <= len(v) <= 4 or any(
+            isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= _MAX_NUMEL for x in v) \
+            or math.prod(v) > _MAX_NUMEL:
+        raise DataSourceError(f"stored data state: {what} must be 1 to 4 integers in [1, {_MAX_NUMEL}] with at most "
+                              f"{_MAX_NUMEL} values in all, got {str(v)[:60]}")
+    return tuple(v)
 
 
 class Standardize(Transform):
@@ -347,6 +387,8 @@ class DataSource:
              "transform": self.transform.state()}
         if not self.streaming:
             s["sha256"] = {k: sha256_array(v) for k, v in self._splits.items()}
+        if self.info.get("file_sha256"):
+            s["file_sha256"] = self.info["file_sha256"]
         return s
 
     def describe(self) -> str:
@@ -483,6 +525,8 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
 
         src = source_from_path(s, seed=int(seed), **options)
         src.spec = {"name": str(Path(s).resolve()), "options": {"seed": int(seed), **options}}
+        if Path(s).is_file():
+            src.info["file_sha256"] = file_sha256(s)
         return src
     names = ", ".join(sorted(DATA_SOURCES))
     raise UnknownDataSourceError(f"unknown data source {s!r}: not a file, and not one of: {names}")
@@ -500,11 +544,22 @@ def data_source_options(spec: str) -> list[str] | None:
     return sources.path_options(s)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = None) -> DataSource:
     """Rebuild a source from :meth:`DataSource.state` (as stored in a checkpoint).
 
-    ``data_dir`` overrides the stored folder (data moved). The stored transform is used as is (a point
-    set's standardisation statistics do not drift), and changed data is refused (content hash).
+    ``data_dir`` overrides the stored folder (data moved). Every stored value is type- and range-checked
+    first ("stored data state: ..." errors); a data file whose bytes changed is refused before it is parsed,
+    and the rebuilt splits must match their stored hashes. The stored transform is used as is (a point set's
+    standardisation statistics do not drift).
     """
     if not isinstance(state, dict):
         raise DataSourceError(f"stored data state must be a dict, got {type(state).__name__}")
@@ -512,23 +567,44 @@ def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = 
         opts = {"seed": state.get("seed", 0)}
         if state["kind"] == "file":
             opts["holdout"] = state.get("holdout", 0.1)
-        spec = {"name": state["name"], "options": opts}
-        state = {"source": spec, "transform": {"name": "standardize", "mean": state["mean"], "std": state["std"]},
-                 "sha256": None}
-    spec = state["source"]
+        spec = {"name": state.get("name"), "options": opts}
+        state = {"source": spec, "transform": {"name": "standardize", "mean": state.get("mean"),
+                                               "std": state.get("std")}, "sha256": None}
+    spec = state.get("source")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"] \
+            or not isinstance(spec.get("options", {}), dict):
+        raise DataSourceError("stored data state: source must be {'name': str, 'options': dict}")
+    kind, shape = state.get("kind"), state.get("shape")
+    if kind is not None and kind not in DATA_KINDS:
+        raise DataSourceError(f"stored data state: kind must be one of {DATA_KINDS}, got {str(kind)[:40]!r}")
+    if shape is not None:
+        shape = _shape(shape, "shape")
+    transform = Transform.from_state(state["transform"]) if "transform" in state else None
+    hashes = state.get("sha256")
+    if hashes is not None and (not isinstance(hashes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())):
+        raise DataSourceError("stored data state: sha256 must map split names to hex digests")
+    fsha = state.get("file_sha256")
+    if fsha is not None and Path(spec["name"]).is_file() and file_sha256(spec["name"]) != fsha:
+        raise DataSourceError(f"data file {spec['name']} changed since training (content hash differs)")
     opts = dict(spec.get("options", {}))
     if data_dir is None:
         data_dir = opts.pop("data_dir", None)
     else:
         opts.pop("data_dir", None)
     src = get_data_source(spec["name"], data_dir=data_dir, **opts)
-    stored = state.get("sha256")
-    if stored:
+    if hashes:
         now = src.state().get("sha256") or {}
-        changed = [k for k, v in stored.items() if now.get(k) != v]
+        changed = [k for k, v in hashes.items() if now.get(k) != v]
         if changed:
             raise DataSourceError(f"data {spec['name']!r} changed since training (content hash of split(s) "
                                   f"{', '.join(changed)} differs)")
-    if "transform" in state:
-        src.transform = Transform.from_state(state["transform"])
+    if kind is not None and src.kind != kind or shape is not None and src.shape != shape:
+        raise DataSourceError(f"stored data state: kind {kind} / shape {shape} do not match the data "
+                              f"({src.kind} / {src.shape})")
+    if transform is not None:
+        if isinstance(transform, Standardize) and len(transform.mean) != src.dim or \
+                isinstance(transform, Dequantize) and transform.shape != src.shape:
+            raise DataSourceError(f"stored data state: the transform does not fit samples of shape {src.shape}")
+        src.transform = transform
     return src

@@ -84,9 +84,9 @@ def path_options(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if p.is_dir():
         return _option_names(png_folder_source) or []
-    if p.suffix.lower() == ".npz" or (p.suffix.lower() == ".npy" and (_npy_ndim(p) or 0) >= 3):
+    if p.exists() and _is_image_array(p):
         return _option_names(array_image_source) or []
-    return ["holdout"]
+    return _option_names(_point_file_options) or []
 
 
 def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> DataSource:
@@ -100,18 +100,44 @@ def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> Da
     if p.is_dir():
         _check_options(f"a PNG folder ({p.name})", png_folder_source, options)
         return png_folder_source(p, seed=seed, **options)
-    ext = p.suffix.lower()
-    if ext == ".npz" or (ext == ".npy" and (_npy_ndim(p) or 0) >= 3):
+    if _is_image_array(p):
         _check_options(f"an image array ({p.name})", array_image_source, options)
         return array_image_source(p, seed=seed, **options)
-    unknown = set(options) - {"holdout"}
-    if unknown:
-        raise DataSourceError(f"{p.name}: options {sorted(unknown)} do not apply to a point file (only holdout)")
+    _check_options(f"a point file ({p.name})", _point_file_options, options)
+    if options.get("outliers", "error") not in ("error", "warn", "ignore"):
+        raise DataSourceError(f"outliers: expected 'error', 'warn' or 'ignore', got {options['outliers']!r}")
     try:
-        pts = load_points(p, dtype=torch.float64)
+        pts = load_points(p, dtype=torch.float64, outliers=options.get("outliers", "error"))
     except DataFileError as e:
         raise DataSourceError(str(e)) from None
     return points_source(pts, str(p.resolve()), seed=seed, holdout=options.get("holdout", 0.1))
+
+
+def _point_file_options(*, holdout: float = 0.1, outliers: str = "error") -> None:
+    """The options of a point file: ``holdout`` share for the test split; ``outliers`` for gross outliers
+    (``"error"``, ``"warn"``, ``"ignore"``; see :func:`~diffflow_ext.data.files.load_points`)."""
+
+
+def _is_image_array(p: Path) -> bool:
+    """``.npy`` with 3+ axes, or ``.npz`` unless it holds exactly one 2-D array (then it is a point file)."""
+    ext = p.suffix.lower()
+    if ext == ".npy":
+        return (_npy_ndim(p) or 0) >= 3
+    if ext != ".npz":
+        return False
+    import zipfile
+
+    from .images import _npy_header
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            members = z.infolist()
+            if len(members) != 1:
+                return True
+            with z.open(members[0]) as fh:
+                return len(_npy_header(fh)[0]) != 2
+    except Exception:  # noqa: BLE001 -- the image loader reports the precise problem
+        return True
 
 
 from . import images as _images  # noqa: E402,F401  (registers the image sources)

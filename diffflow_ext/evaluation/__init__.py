@@ -9,12 +9,12 @@
 
 from .bits import BOUNDS, BitsPerDim, bits_per_dim, bpd_offset, data_nll
 from .fid import FID_ENV, FIDError, compute_fid, fid_from_features, inception_extractor, resolve_fid_weights
-from .report import batch_seed, evaluate_checkpoint, evaluate_model, sample_model
+from .report import batch_seed, evaluate_checkpoint, evaluate_model, sample_model, sampling_seed
 from .samples import fraction_in_support, sliced_wasserstein, wasserstein2_emd
 
 __all__ = [
     "BOUNDS", "BitsPerDim", "bits_per_dim", "bpd_offset", "data_nll",
     "FID_ENV", "FIDError", "compute_fid", "fid_from_features", "inception_extractor", "resolve_fid_weights",
-    "batch_seed", "evaluate_checkpoint", "evaluate_model", "sample_model",
+    "batch_seed", "evaluate_checkpoint", "evaluate_model", "sample_model", "sampling_seed",
     "fraction_in_support", "sliced_wasserstein", "wasserstein2_emd",
 ]

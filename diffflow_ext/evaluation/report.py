@@ -23,7 +23,13 @@ from .bits import bits_per_dim, bpd_offset
 from .fid import FID_ENV, compute_fid
 from .samples import sliced_wasserstein, wasserstein2_emd
 
-__all__ = ["batch_seed", "sample_model", "evaluate_model", "evaluate_checkpoint"]
+__all__ = ["batch_seed", "sampling_seed", "sample_model", "evaluate_model", "evaluate_checkpoint"]
+
+
+def sampling_seed(seed: int) -> int:
+    """The seed :func:`evaluate_model` samples with for evaluation seed ``seed`` (likelihoods use ``seed + 1``
+    and ``seed + 2``): draw samples elsewhere with ``sample_model(..., seed=sampling_seed(seed))``."""
+    return int(seed) + 3
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -115,7 +121,7 @@ def evaluate_model(
 
     # samples
     if samples is None:
-        z = sample_model(model, n_samples, lam=lam, seed=seed + 3, batch_size=batch_size, method=method,
+        z = sample_model(model, n_samples, lam=lam, seed=sampling_seed(seed), batch_size=batch_size, method=method,
                          sampler_options=sampler_options)
     else:
         z = torch.as_tensor(samples).cpu()
@@ -173,6 +179,7 @@ def evaluate_checkpoint(
     fid_extractor=None,
     method: str = "em",
     sampler_options: dict | None = None,
+    samples: torch.Tensor | None = None,
     return_samples: bool = False,
 ):
     """Evaluate a training checkpoint: load it, rebuild its data source (``data_dir`` if the data moved),
@@ -212,7 +219,8 @@ def evaluate_checkpoint(
     res = evaluate_model(
         model, target, split=split, n_heldout=n_heldout, n_samples=n_samples, n_nll=n_nll, n_ode=n_ode, lam=lam,
         seed=seed, ode=ode, draws=draws, batch_size=batch_size, fid=fid, fid_weights=fid_weights,
-        fid_extractor=fid_extractor, method=method, sampler_options=sampler_options, return_samples=return_samples,
+        fid_extractor=fid_extractor, method=method, sampler_options=sampler_options, samples=samples,
+        return_samples=return_samples,
     )
     if return_samples:
         res, samples = res
