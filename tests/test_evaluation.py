@@ -199,3 +199,35 @@ def test_legacy_metrics_call_still_works():
     ds = get_data_source("checkerboard")
     res = legacy(m, Std(), ds.heldout(300).numpy(), dataset=ds.support, n_samples=200, n_nll=100, ode=False)
     assert res["n_heldout"] == 300 and "fraction_in_support" in res and "nelbo_nats" in res
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_tile_images_places_every_image():
+    from diffflow_ext.plotting import _unit, tile_images
+
+    x = torch.arange(5 * 2 * 3, dtype=torch.float64).reshape(5, 1, 2, 3) / 29
+    t = tile_images(x.numpy(), nrow=2, pad=1)
+    assert t.shape == (3 * 3 + 1, 2 * 4 + 1, 1)
+    for k in range(5):
+        r, c = divmod(k, 2)
+        np.testing.assert_array_equal(t[1 + 3 * r:3 + 3 * r, 1 + 4 * c:4 + 4 * c, 0], x[k, 0].numpy())
+    assert (t[7:9, 5:8] == 1.0).all()  # the empty sixth cell is background
+    d = torch.tensor([[[[0, 16]]]], dtype=torch.uint8)
+    np.testing.assert_allclose(_unit(d, 17)[0, 0, 0], [0.0, 1.0])  # 17 grey levels: 16 is white
+
+
+def test_image_pictures_are_written(tmp_path):
+    from diffflow_ext import plotting
+
+    src = get_data_source("digits")
+    p = plotting.sample_grid(src.heldout(30), tmp_path / "g.png", title="digits", levels=17)
+    assert p.stat().st_size > 1000
+    with pytest.raises(ValueError, match="C, H, W"):
+        plotting.sample_grid(torch.zeros(3, 2, 4, 4, dtype=torch.uint8), tmp_path / "bad.png")
+    torch.manual_seed(0)
+    m = _flat_diffflow((1, 8, 8), num_steps=4)
+    q = plotting.trajectory_strip(m, src.to_model(src.heldout(3)), tmp_path / "s.png", to_unit=src.transform.to_unit,
+                                  columns=4)
+    assert q.stat().st_size > 1000
