@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import diffflow_ext
 from diffflow_ext import DiffFlow
 from diffflow_ext.checkpoint import load_checkpoint
-from diffflow_ext.train import TrainConfig, train
-
-import diffflow_ext
+from diffflow_ext.training import TrainConfig, train
 
 # where the imported package lives (source tree or site-packages), for subprocesses
 ROOT = Path(diffflow_ext.__file__).resolve().parents[1]
@@ -101,15 +100,15 @@ def test_ddp_gradients_equal_single_process(ddp_grads, name):
 def test_torchrun_trainer_equals_single_process(tmp_path):
     common = ["--shards", "2", "--iters", "3", "--dtype", "float64", "--hidden", "16", "--depth", "2", "-N", "4",
               "--batch-size", "64", "--grid", "flexible", "--lr", "1e-2", "--ema", "0.9", "--eval-every", "0",
-              "--final-ode", "0", "--final-samples", "200", "--no-progress", "--seed", "5"]
+              "--final-ode", "0", "--final-samples", "1200", "--no-progress", "--seed", "5"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffflow_ext.train", "checkerboard", "--out", str(tmp_path / "ddp"), *common]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = TrainConfig(data="checkerboard", out=str(tmp_path / "one"), shards=2, iters=3, dtype="float64", hidden=16,
-                      depth=2, num_steps=4, progressive=None, batch_size=64, grid="flexible", lr=1e-2, ema=0.9, eval_every=0,
-                      final_ode=0, final_samples=200, seed=5)
+                      depth=2, num_steps=4, progressive=None, batch_size=64, grid="flexible", lr=1e-2, ema=0.9,
+                      eval_every=0, final_ode=0, final_samples=1200, seed=5)
     train(cfg, progress=False, final_eval=False)
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
     b = load_checkpoint(tmp_path / "one" / "checkpoint.safetensors")
@@ -123,3 +122,11 @@ def test_torchrun_trainer_equals_single_process(tmp_path):
     assert a.meta["rng_numpy"] == b.meta["rng_numpy"]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["step"] == 3 and m["training"]["world_size"] == 2
+    # the final samples were drawn by both ranks (batches 0, 2 on rank 0, batch 1 on rank 1) and gathered: the
+    # metrics equal a single-process evaluation of the same checkpoint
+    from diffflow_ext.evaluation import evaluate_checkpoint
+
+    single = evaluate_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors", n_samples=1200, n_ode=0, ode=False,
+                                 lam=cfg.eval_lam)
+    m.pop("training")
+    assert m == json.loads(json.dumps(single))

@@ -67,6 +67,9 @@ def test_npz_images_and_vector_files_train(tmp_path):
     s = train(TrainConfig(data=str(tmp_path / "pts.npy"), iters=3, out=str(tmp_path / "p"), **IMG), **_quiet())
     assert s["metrics"]["dim"] == 5 and np.load(tmp_path / "p" / "samples.npy").shape == (64, 5)
     assert (tmp_path / "p" / "samples.png").exists()
+    np.save(tmp_path / "one.npy", rng.normal(size=(300, 1)))  # 1-D data: pictures too
+    s = train(TrainConfig(data=str(tmp_path / "one.npy"), iters=2, out=str(tmp_path / "o"), **IMG), **_quiet())
+    assert s["metrics"]["dim"] == 1 and (tmp_path / "o" / "samples.png").exists()
 
 
 @pytest.mark.parametrize("data", ["digits", "checkerboard"])

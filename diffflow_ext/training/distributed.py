@@ -71,6 +71,16 @@ class DistContext:
                 merged[k] = torch.tensor(v, dtype=torch.uint8)
         return merged
 
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (a list in rank order) on rank 0; ``None`` on the other ranks."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -41,6 +41,8 @@ from .run import CHECKPOINT_NAME, RunFolder, choose_out_dir
 __all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "build_data", "build_model"]
 
 
+#: sampling batch of the evaluations (also the unit in which the final samples are split across ranks)
+EVAL_BATCH = 500
 #: fp16: this many consecutive overflowing (skipped) steps stop training
 MAX_SKIPPED_STEPS = 25
 
@@ -165,7 +167,10 @@ def train_step(state: TrainState, net: torch.nn.Module, x: torch.Tensor, *, shar
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.unscale_(opt)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    if clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     if not math.isfinite(gnorm):
         if scaler is None:
             raise NonFiniteError(f"non-finite gradient norm ({gnorm})")
@@ -326,11 +331,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         return m.eval()
 
     def save(path: Path) -> None:
+        if not _is_finite_model(state.model):  # the same weights on every rank: all of them stop
+            raise NonFiniteError(f"weights became non-finite at step {state.step}; not saving them")
         gens = ctx.gather_states({k: g.get_state() for k, g in state.noise.items()})
         if not ctx.is_main:
             return
-        if not _is_finite_model(state.model):
-            raise NonFiniteError(f"weights became non-finite at step {state.step}; not saving them")
         extra = {"train_config": cfg.to_dict(), "data": data.state(), "world_size": ctx.world,
                  "device_type": ctx.device.type}
         if state.scaler is not None:
@@ -450,13 +455,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         "final_loss": loss_ema, "world_size": ctx.world, "device": str(ctx.device), "precision": cfg.precision,
         "gradient": cfg.gradient, "gradient_plan": gradient_plan or None,
     }
+    t0 = time.perf_counter()
+    # under torchrun the final samples are drawn by all ranks (batch i on rank i % world), gathered on rank 0
+    split = {"samples": _sample_across_ranks(eval_model(), cfg, ctx)} if (final_eval and ctx.distributed) else {}
     if ctx.is_main and final_eval:
         from ..evaluation import evaluate_checkpoint
 
-        t0 = time.perf_counter()
         metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
                                                ode=cfg.final_ode > 0, lam=cfg.eval_lam, device=ctx.device,
-                                               data_dir=cfg.data_dir, return_samples=True)
+                                               data_dir=cfg.data_dir, batch_size=EVAL_BATCH, return_samples=True,
+                                               **split)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
         atomic_write_text(folder.file("metrics.json"), json.dumps({**metrics, "training": summary}, indent=2) + "\n")
         buf = io.BytesIO()
@@ -479,6 +487,31 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     return summary
 
 
+
+
+def _sample_across_ranks(model, cfg: TrainConfig, ctx: DistContext) -> torch.Tensor | None:
+    """The final evaluation's samples, drawn in batches split across the ranks; on rank 0 (``None`` elsewhere).
+
+    Batch ``i`` always uses the generator seed ``batch_seed(sampling seed, i)``, so the gathered samples equal
+    those a single-process ``diffflow eval`` draws.
+    """
+    from ..evaluation import sample_model, sampling_seed
+
+    n_batches = -(-cfg.final_samples // EVAL_BATCH)
+    mine = list(range(ctx.rank, n_batches, ctx.world))
+    z = sample_model(model, cfg.final_samples, lam=cfg.eval_lam, seed=sampling_seed(cfg.eval_seed),
+                     batch_size=EVAL_BATCH, batches=mine)
+    parts = ctx.gather_to_main(z)
+    if parts is None:
+        return None
+    chunks: dict[int, torch.Tensor] = {}
+    for r, zr in enumerate(parts):
+        offset = 0
+        for i in range(r, n_batches, ctx.world):
+            m = min(EVAL_BATCH, cfg.final_samples - i * EVAL_BATCH)
+            chunks[i] = zr[offset:offset + m]
+            offset += m
+    return torch.cat([chunks[i] for i in range(n_batches)])
 
 
 def _describe_network(cfg: TrainConfig) -> str:
@@ -518,11 +551,14 @@ def write_pictures(model, data, samples, folder: RunFolder, *, step: int, metric
                                   lam=lam, to_unit=data.transform.to_unit)
         return
     held = data.heldout(len(samples)).double().numpy().reshape(-1, data.dim)
+    if data.dim < 2:  # 1-D data: the samples beside the data as (value, 0) points
+        samples, held = (np.concatenate([a, np.zeros_like(a)], 1) for a in (samples, held))
     if data.dim == 2:
         plotting.samples_vs_data(samples, held, folder.file("samples.png"), title=title, support=data.support,
                                  metrics=metrics)
         plotting.trajectory_figure(model, data.to_model(data.heldout(2000), dtype=torch.float64).numpy(),
                                    folder.file("trajectories.png"), seed=seed, lam=lam)
     else:
-        plotting.samples_vs_data(samples[:, :2], held[:, :2], folder.file("samples.png"),
-                                 title=title + " (first two coordinates)", metrics=metrics)
+        what = " (first two coordinates)" if data.dim > 2 else " (1-D)"
+        plotting.samples_vs_data(samples[:, :2], held[:, :2], folder.file("samples.png"), title=title + what,
+                                 metrics=metrics)
