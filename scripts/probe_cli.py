@@ -29,6 +29,7 @@ Each case id is a reproducer: ``--only ID -v`` prints the exact argv / call and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -479,11 +480,119 @@ def build_cli_cases() -> None:
         with_run(tmp)
         np.save(tmp / "d3.npy", np.random.default_rng(0).normal(size=(100, 3)))
 
-    eval_case("--data=wrong-dim", ["--data", "d3.npy"], ("d3.npy", "dim")
-              , setup=eval_dim_mismatch)
+    eval_case("--data=wrong-dim", ["--data", "d3.npy"], ("d3.npy", "dim", "--data"), setup=eval_dim_mismatch)
     eval_case("-json-existing", ["--json", "keep.json"], ("--json", "keep.json"), setup=user_file("keep.json"))
     eval_case("-ok", ["--json", "m.json"], (), expect="ok",
               check=lambda tmp, _: None if (tmp / "m.json").is_file() else "m.json not written")
+
+    # -- the newer surface: devices, precision, networks, data sources, samplers, odd paths
+    for flag, v, words in [
+        ("--device", "cuda", ("--device", "cuda")),
+        ("--device", "cuda:7", ("--device",)),
+        ("--device", "bogus", ("--device",)),
+        ("--precision", "fp8", ("--precision",)),
+        ("--precision", "fp16", ("--precision", "fp16", "cuda", "CPU")),
+        ("--memory-budget", "-1", ("--memory-budget",)),
+        ("--memory-budget", "nan", ("--memory-budget",)),
+        ("--memory-budget", "2.5", ("--memory-budget",)),
+        ("--network", "bogus", ("--network",)),
+        ("--network-option", "bogus=1", ("--network-option", "bogus")),
+        ("--network-option", "noequals", ("--network-option",)),
+        ("--data-option", "bogus=1", ("--data-option", "bogus")),
+        ("--data-option", "outliers=maybe", ("--data-option", "outliers")),
+        ("--lr-schedule", "bogus", ("--lr-schedule",)),
+        ("--lr-warmup", "-1", ("--lr-warmup",)),
+        ("--time-dim", "3", ("--time-dim",)),
+        ("--time-dim", "0", ("--time-dim",)),
+        ("--log-every", "-1", ("--log-every",)),
+        ("--width", "0", ("--width",)),
+    ]:
+        cli_case(f"train{flag}={v}", ["train", "checkerboard", *FAST_N, "--out", "r", flag, v], words=words)
+    cli_case("train-mnist-no-data-dir", ["train", "mnist", *FAST_N, "--out", "r"], words=("mnist", "--data-dir"))
+    cli_case("train-mnist-missing-dir", ["train", "mnist", *FAST_N, "--out", "r", "--data-dir", "nope"],
+             words=("nope", "--data-dir"))
+    cli_case("train-cifar-empty-dir", ["train", "cifar10", *FAST_N, "--out", "r", "--data-dir", "."],
+             words=("cifar", "--data-dir", "data_batch"))
+    cli_case("train-power-missing", ["train", "power", *FAST_N, "--out", "r", "--data-dir", "."],
+             words=("power", "--data-dir"))
+    cli_case("train-out-too-long", ["train", "checkerboard", *FAST_N, "--out", "x" * 5000], words=("--out",))
+    cli_case("train-out-newline", ["train", "checkerboard", *FAST_N, "--out", "a\nb"], words=("--out",),
+             expect="ok", check=lambda tmp, _: None if (tmp / "a\nb" / "checkpoint.safetensors").exists()
+             else "no run folder written")
+
+    def symlink_devzero(tmp):
+        os.symlink("/dev/zero", tmp / "z.npy")
+
+    cli_case("data-symlink-devzero", ["train", "z.npy", *FAST_N, "--out", "r"], setup=symlink_devzero, words=("z.npy",),
+             timeout=30)
+
+    def images_npz_huge(tmp):
+        hdr = {"descr": "|u1", "fortran_order": False, "shape": (10**11, 28, 28)}
+        with zipfile.ZipFile(tmp / "imgs.npz", "w") as z:
+            z.writestr("x.npy", _npy_with_header(hdr, b"\0" * 64))
+
+    cli_case("data-images-npz-huge-header", ["train", "imgs.npz", *FAST_N, "--out", "r"], setup=images_npz_huge,
+             words=("imgs.npz",))
+
+    def images_npy_huge(tmp):
+        (tmp / "imgs.npy").write_bytes(_npy_with_header({"descr": "|u1", "fortran_order": False,
+                                                          "shape": (10**11, 1, 28, 28)}, b"\0" * 64))
+
+    cli_case("data-images-npy-huge-header", ["train", "imgs.npy", *FAST_N, "--out", "r"], setup=images_npy_huge,
+             words=("imgs.npy",))
+    cli_case("data-images-npy-fifo", ["train", "imgs.npz", *FAST_N, "--out", "r"],
+             setup=lambda tmp: os.mkfifo(tmp / "imgs.npz"), words=("imgs.npz",), timeout=30)
+
+    def run_plus(fn):
+        def setup(tmp):
+            with_run(tmp)
+            fn(tmp)
+        return setup
+
+    cli_case("eval-data-fifo", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--data", "d.npy"],
+             setup=run_plus(lambda tmp: os.mkfifo(tmp / "d.npy")), words=("d.npy",), timeout=30)
+    cli_case("eval-data-devzero", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--data", "/dev/zero"],
+             setup=run_plus(lambda tmp: None), words=("/dev/zero",), timeout=30)
+    cli_case("sample-out-is-dir-npy", ["sample", "run", "-n", "10", "--png", "none", "--out", "d.npy"],
+             setup=run_plus(lambda tmp: (tmp / "d.npy").mkdir()), expect="ok",
+             check=lambda tmp, _: None if any((tmp / "d.npy").iterdir()) else "--out DIR: nothing written into DIR",
+             note="an existing folder given as --out receives the samples inside it")
+    cli_case("sample-png-is-dir", ["sample", "run", "-n", "10", "--png", "p.png", "--out", "s.npy"],
+             setup=run_plus(lambda tmp: (tmp / "p.png").mkdir()), words=("--png", "p.png"))
+    cli_case("eval-json-is-dir", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--json", "j"],
+             setup=run_plus(lambda tmp: (tmp / "j").mkdir()), words=("--json", "j"))
+    run_with = run_plus(lambda tmp: None)
+    cli_case("sample-method-bogus", ["sample", "run", "-n", "10", "--png", "none", "--out", "s.npy", "--method",
+                                     "bogus"], setup=run_with, words=("--method",))
+    cli_case("sample-sampler-option-bogus", ["sample", "run", "-n", "10", "--png", "none", "--out", "s.npy",
+                                             "--sampler-option", "bogus=1"], setup=run_with,
+             words=("--sampler-option", "bogus"))
+    cli_case("sample-batch-size-0", ["sample", "run", "-n", "10", "--png", "none", "--out", "s.npy", "--batch-size",
+                                     "0"], setup=run_with, words=("--batch-size",))
+    cli_case("sample-device-cuda", ["sample", "run", "-n", "10", "--png", "none", "--out", "s.npy", "--device", "cuda"],
+             setup=run_with, words=("--device", "cuda"))
+    cli_case("eval-split-bogus", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--split", "bogus"],
+             setup=run_with, words=("--split",))
+    cli_case("eval-draws-0", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--draws", "0"], setup=run_with,
+             words=("--draws",))
+    cli_case("eval-fid-no-weights", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--fid"], setup=run_with,
+             words=("--fid", "weights", "image"))
+    cli_case("eval-fid-weights-missing", ["eval", "run", "--n-samples", "50", "--n-ode", "0", "--fid",
+                                          "--fid-weights", "nope.pth"], setup=run_with,
+             words=("--fid", "nope.pth", "image"))
+    cli_case("bogus-command", ["bogus"], words=("bogus",))
+
+    def changed_data(tmp):
+        a = np.random.default_rng(0).normal(size=(200, 2))
+        np.save(tmp / "pts.npy", a)
+        rc = cli.main(["train", str(tmp / "pts.npy"), *FAST_N, "--out", str(tmp / "run")])
+        assert rc == 0, f"setup training failed rc={rc}"
+        np.save(tmp / "pts.npy", a * 2)
+
+    cli_case("resume-data-changed", ["train", "--resume", "run", "--iters", "4", "--no-progress", "--final-ode", "0"],
+             setup=changed_data, words=("pts.npy", "changed"))
+    cli_case("eval-data-changed", ["eval", "run", "--n-samples", "50", "--n-ode", "0"], setup=changed_data,
+             words=("pts.npy", "changed"))
 
     # -- interrupted runs: Ctrl-C / kill -9 in the middle of training
     def interrupted_ok(kind):
@@ -1086,7 +1195,6 @@ def main(argv=None) -> int:
             for c in cases:
                 print(c.id, c.argv if c.kind == "cli" else "")
             return 0
-        import contextlib
 
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             BASE_RUN = make_base_run(root)
@@ -1096,7 +1204,8 @@ def main(argv=None) -> int:
             tmp.mkdir()
             if case.setup:
                 try:
-                    case.setup(tmp)
+                    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                        case.setup(tmp)
                 except Exception as e:  # a case that does not apply to this version of the library
                     results.append(Result(case.id, "n/a", None, 0.0, f"setup failed: {type(e).__name__}: {e}"[:150]))
                     print(f"{'n/a':10s} {0:6.1f}s  {case.id:45s} {results[-1].detail}", flush=True)
