@@ -25,6 +25,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path, dpi: int = 110) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _limits(*arrays: np.ndarray, q: float = 0.5) -> tuple[tuple[float, float], tuple[float, float]]:
     a = np.concatenate([x[np.isfinite(x).all(1)][:, :2] for x in arrays])
     lo, hi = np.percentile(a, q, axis=0), np.percentile(a, 100 - q, axis=0)
@@ -59,10 +66,7 @@ def plot_points(points, path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     _draw(ax, p, _limits(p))
     ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def samples_vs_data(samples, data, path, *, title: str = "", support=None, metrics: dict | None = None) -> Path:
@@ -84,10 +88,7 @@ def samples_vs_data(samples, data, path, *, title: str = "", support=None, metri
             ax.set_ylabel("dim 1")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 @torch.no_grad()
@@ -113,10 +114,7 @@ def trajectory_figure(model, data_model_space, path, *, seed: int = 0, columns: 
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
     fig.suptitle("trajectories: data -> noise (top), noise -> data (bottom)")
-    path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- images
@@ -181,10 +179,7 @@ def sample_grid(images, path, *, title: str = "", nrow: int | None = None, level
     _show(ax, tile)
     if title:
         ax.set_title(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 @torch.no_grad()
@@ -216,7 +211,4 @@ def trajectory_strip(model, x_model, path, *, seed: int = 0, lam: float = 1.0, t
     axes[1].set_title("backward: noise -> data, t = " + ", ".join(f"{t[i]:.3g}" for i in idx[::-1]), fontsize=9)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
