@@ -216,7 +216,6 @@ class _FieldAction(argparse.Action):
         setattr(namespace, self.dest, value)
         typed[self.dest] = flag
 
-
     def _add_item(self, parser, namespace, text: str, flag: str, typed: dict) -> None:
         """A repeatable KEY=VALUE option collecting into a dict."""
         try:
@@ -518,15 +517,22 @@ def _cmd_train(args) -> int:
 # ----------------------------------------------------------------------------- sample
 
 
-def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="draw samples from a trained model",
-                       description="Draw samples from a trained model; writes a .npy file and a picture.")
+def _checkpoint_command(sub, name: str, cls: type, func: Callable, *, help: str, description: str,
+                        overwrite: str) -> None:
+    """A command that reads a trained checkpoint (``sample``, ``eval``); its options come from ``cls``."""
+    p = sub.add_parser(name, help=help, description=description)
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--overwrite", "--force", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", "--force", action="store_true", help=overwrite)
     _threads_arg(p)
-    _add_fields(p, SampleOptions)
-    p.set_defaults(func=_cmd_sample)
+    _add_fields(p, cls)
+    p.set_defaults(func=func)
+
+
+def _sample_parser(sub) -> None:
+    _checkpoint_command(sub, "sample", SampleOptions, _cmd_sample, help="draw samples from a trained model",
+                        description="Draw samples from a trained model; writes a .npy file and a picture.",
+                        overwrite="replace existing output files")
 
 
 def _sample_targets(o: SampleOptions, run_dir: Path, typed: dict[str, str],
@@ -706,14 +712,9 @@ def _sample_picture(src, x, path: Path, title: str, n: int, levels: int | None) 
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained model on held-out data",
-                       description="Evaluate a trained model: sample quality and likelihoods on held-out data.")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--overwrite", "--force", action="store_true", help="replace an existing --json file")
-    _threads_arg(p)
-    _add_fields(p, EvalOptions)
-    p.set_defaults(func=_cmd_eval)
+    _checkpoint_command(sub, "eval", EvalOptions, _cmd_eval, help="evaluate a trained model on held-out data",
+                        description="Evaluate a trained model: sample quality and likelihoods on held-out data.",
+                        overwrite="replace an existing --json file")
 
 
 def _cmd_eval(args) -> int:
