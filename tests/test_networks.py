@@ -101,6 +101,8 @@ def test_registry_errors_name_the_argument():
         build_network("unet", data_shape=(64,))
     with pytest.raises(ValueError, match="already registered"):
         register_network("mlp", TimeMLP)
+    with pytest.raises(ValueError, match="time_dim: expected an even number >= 2, got 0"):
+        build_network("mlp", dim=2, time_dim=0)
     with pytest.raises(ValueError, match="network config: expected"):
         build_network_from_config({"name": "mlp"})
 

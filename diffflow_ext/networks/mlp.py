@@ -31,6 +31,8 @@ class TimeMLP(nn.Module):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             _positive_int(name, v)
+        if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 2 or time_dim % 2:
+            raise ValueError(f"time_dim: expected an even number >= 2, got {time_dim!r}")
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         layers: list[nn.Module] = []
