@@ -83,10 +83,11 @@ def _fmt(x: float) -> str:
 
 def build_data(cfg: TrainConfig):
     """The run's :class:`~diffflow_ext.data.DataSource` (a registered name or a path; ``--data-dir``)."""
-    from ..data import get_data_source
+    from ..data import data_source_options, get_data_source
 
     options = dict(cfg.data_options or {})
-    if Path(str(cfg.data)).exists():  # files and folders are split at random: --holdout applies
+    takes = data_source_options(cfg.data)
+    if takes is not None and "holdout" in takes:  # sources split at random (files, folders): --holdout applies
         options.setdefault("holdout", cfg.holdout)
     return get_data_source(cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, **options)
 
