@@ -187,3 +187,17 @@ def test_missing_files_are_clear(tmp_path):
             get_data_source(name, data_dir=tmp_path)
         with pytest.raises(DataSourceError, match="--data-dir"):
             get_data_source(name)
+
+
+def test_moved_data_folder(tmp_path):
+    from diffflow_ext.data import data_source_from_state
+
+    (tmp_path / "a" / "miniboone").mkdir(parents=True)
+    np.save(tmp_path / "a" / "miniboone" / "data.npy", np.random.default_rng(5).normal(size=(100, 4)))
+    st = get_data_source("miniboone", data_dir=tmp_path / "a").state()
+    assert st["source"]["options"]["data_dir"] == str((tmp_path / "a").resolve())
+    (tmp_path / "a").rename(tmp_path / "b")
+    with pytest.raises(DataSourceError, match="is gone; pass --data-dir"):
+        data_source_from_state(st)
+    src = data_source_from_state(st, data_dir=tmp_path / "b")
+    assert src.shape == (4,) and src.split_size("test") == 10

@@ -590,6 +590,9 @@ def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = 
     opts = dict(spec.get("options", {}))
     if data_dir is None:
         data_dir = opts.pop("data_dir", None)
+        if data_dir is not None and (not isinstance(data_dir, str) or not Path(data_dir).is_dir()):
+            raise DataSourceError(f"the data folder of this run, {str(data_dir)[:200]}, is gone; pass --data-dir "
+                                  "with its new location")
     else:
         opts.pop("data_dir", None)
     src = get_data_source(spec["name"], data_dir=data_dir, **opts)
