@@ -46,6 +46,7 @@ from .training.config import (
     option_fields,
     parse_device,
     parse_key_value,
+    path_problem,
     resolve_config,
     resume_config,
 )
@@ -213,6 +214,8 @@ class _FieldAction(argparse.Action):
         issue = check_field(f, value)
         if issue is not None:
             raise CLIError(issue.format(lambda n: flag), prog=parser.prog)
+        if isinstance(value, str) and (problem := path_problem(value)):  # paths and names alike
+            raise CLIError(f"{flag}: {problem}", prog=parser.prog)
         setattr(namespace, self.dest, value)
         typed[self.dest] = flag
 
@@ -818,12 +821,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .checkpoint import CheckpointError
 
-        known = isinstance(e, (*_USER_ERRORS, CheckpointError)) or type(e).__module__.startswith("diffflow_ext")
+        known = isinstance(e, (*_USER_ERRORS, OSError, CheckpointError)) or type(e).__module__.startswith(
+            "diffflow_ext")
         msg = _one_line(e)
+        if isinstance(e, OSError) and e.strerror:  # e.g. a name too long, a full disk: say which file
+            name = str(e.filename or "")
+            msg = f"{name if len(name) <= 120 else name[:60] + '...' + name[-40:]}: {e.strerror}".lstrip(": ")
         if not known:
             msg = f"{type(e).__name__}: {msg} (unexpected; rerun with {DEBUG_ENV}=1 for the traceback and report it)"
-        elif isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-            msg = f"{e.filename}: {msg}"
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 1
 

@@ -93,6 +93,9 @@ BAD_TRAIN = [
     (["--hidden", "128", "--network", "unet"], "--hidden", None),  # the MLP's size with another network
     (["--holdout", "0.2"], "--holdout", None),  # checkerboard is generated: a holdout would be ignored
     (["--data-dir", "."], "--data-dir", None),  # checkerboard reads no files
+    (["--time-dim", "3"], "--time-dim", "time_dim"),  # the embedding needs an even width
+    (["--out", "x" * 300], "--out", None),  # a name too long for the file system
+    (["--lr-schedule", "cosine", "--lr-decay", "0.5"], "--lr-decay", None),
 ]
 
 

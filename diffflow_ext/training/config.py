@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "DATA_KINDS", "resolve_config", "resume_config",
     "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS", "DEVICE_PATTERN",
     "MAX_NUM_STEPS", "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
+    "path_problem",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -194,6 +196,23 @@ def parse_memory_budget(text: str) -> float:
     return value
 
 
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a file on this system (a NUL byte, a name or path too long), or None."""
+    if "\x00" in path:
+        return "contains a NUL character"
+    limit = 255
+    try:
+        limit = os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        pass
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in re.split(r"[\\/]", path)), default=0)
+    if longest > limit:
+        return f"a name in the path is {longest} bytes long; this file system allows {limit}"
+    if len(path.encode("utf-8", "surrogateescape")) > 4000:
+        return "the path is longer than 4000 bytes"
+    return None
+
+
 def parse_device(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:K`` (checked against the machine when the run starts)."""
     s = str(text).strip().lower()
@@ -342,6 +361,11 @@ class TrainConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 out.append(Issue((k,), f"{{{k}}}: expected a non-empty path or name, got {v!r}"))
+            elif isinstance(v, str) and (problem := path_problem(v)):
+                out.append(Issue((k,), f"{{{k}}}: {problem}"))
+        if "time_dim" not in bad and self.time_dim % 2:
+            out.append(Issue(("time_dim",), f"{{time_dim}}: expected an even integer (sine and cosine halves), got "
+                                            f"{self.time_dim}"))
         for k in ("data_options", "network_options"):
             v = getattr(self, k)
             if not isinstance(v, dict) or not all(isinstance(x, str) and x.isidentifier() for x in v):
