@@ -102,8 +102,10 @@ BAD_TRAIN = [
 @pytest.mark.parametrize("args,flag,field", BAD_TRAIN, ids=[" ".join(a) for a, _, _ in BAD_TRAIN])
 def test_train_bad_option_is_one_line_naming_the_flag(tmp_path, capsys, args, flag, field):
     os.chdir(tmp_path)  # the default output folder (runs/...) would land here
-    rc, lines = _run(["train", "--out", tmp_path / "out", *args], capsys)
+    out = [] if "--out" in args else ["--out", tmp_path / "out"]
+    rc, lines = _run(["train", *out, *args], capsys)
     _one_line_error(rc, lines, flag=flag, code=2)
+    assert "given twice" not in lines[0] or args.count(flag) == 2
     if field is not None:
         assert field not in lines[0]  # the flag the user typed, not the config field's name
     assert list(tmp_path.iterdir()) == []  # nothing written (no out folder, no runs/)
