@@ -231,3 +231,18 @@ def test_image_pictures_are_written(tmp_path):
     q = plotting.trajectory_strip(m, src.to_model(src.heldout(3)), tmp_path / "s.png", to_unit=src.transform.to_unit,
                                   columns=4)
     assert q.stat().st_size > 1000
+
+
+def test_a_failing_metric_is_reported_unavailable():
+    from diffflow_ext.evaluation.report import _metric
+
+    out: dict = {}
+    _metric(out, "ok", lambda: 1.5)
+
+    def singular():
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    _metric(out, "w2_emd", singular)
+    _metric(out, "swd", lambda: float("nan"))
+    assert out["ok"] == 1.5 and out["w2_emd"] is None and out["swd"] is None
+    assert "Singular" in out["unavailable"]["w2_emd"] and "non-finite" in out["unavailable"]["swd"]

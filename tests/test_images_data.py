@@ -284,3 +284,16 @@ def test_state_roundtrip_and_changed_data(tmp_path):
     np.save(tmp_path / "a.npy", rng.integers(0, 256, (30, 4, 4), dtype=np.uint8))
     with pytest.raises(DataSourceError, match="changed since training"):
         data_source_from_state(st)
+
+
+def test_fifos_are_refused_without_blocking(tmp_path):
+    import os
+
+    for name in ("f.npy", "f.npz", "f.csv"):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(DataSourceError, match="FIFO"):
+            get_data_source(str(tmp_path / name))
+    (tmp_path / "power").mkdir()
+    os.mkfifo(tmp_path / "power" / "data.npy")
+    with pytest.raises(DataSourceError, match="FIFO"):
+        get_data_source("power", data_dir=tmp_path)

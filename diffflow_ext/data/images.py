@@ -108,7 +108,9 @@ def mnist_source(*, data_dir, seed: int = 0, pad_to: int | None = None, val: int
 def read_cifar10_bin(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """One official CIFAR-10 *binary* batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes,
     row-major 32x32). Returns ``(images uint8 (n, 3, 32, 32), labels int64 (n,))``."""
-    p = Path(path)
+    from .sources import regular_file
+
+    p = regular_file(Path(path))
     try:
         raw = np.fromfile(p, dtype=np.uint8)
     except OSError as e:

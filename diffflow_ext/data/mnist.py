@@ -21,7 +21,13 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally ``.gz``) into a numpy array, validating the header and size."""
+    from .files import DataFileError, check_regular_file
+
     p = Path(path)
+    try:
+        check_regular_file(p)  # FIFOs / devices refused without opening
+    except DataFileError as e:
+        raise ValueError(str(e)) from None
     opener = gzip.open if p.suffix == ".gz" else open
     try:
         with opener(p, "rb") as fh:

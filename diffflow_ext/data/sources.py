@@ -13,7 +13,7 @@ import torch
 
 from . import toy2d
 from .base import _ALIASES, DataSource, DataSourceError, Standardize, _check_options, register_data_source
-from .files import DataFileError, load_points
+from .files import DataFileError, check_regular_file, load_points
 
 __all__ = ["ToySource", "points_source", "source_from_path", "path_options"]
 
@@ -76,6 +76,16 @@ def _npy_ndim(path: Path) -> int | None:
         return None
 
 
+def regular_file(p: Path) -> Path:
+    """``p`` if it is a non-empty regular file, else a one-line :class:`DataSourceError` (FIFOs and devices are
+    refused without opening them)."""
+    try:
+        check_regular_file(p)
+    except DataFileError as e:
+        raise DataSourceError(str(e).replace("give a file of points", "give a data file")) from None
+    return p
+
+
 def path_options(path: str | os.PathLike) -> list[str]:
     """Option names a path source accepts (see :func:`source_from_path`)."""
     from .base import _option_names
@@ -84,7 +94,7 @@ def path_options(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if p.is_dir():
         return _option_names(png_folder_source) or []
-    if p.exists() and _is_image_array(p):
+    if p.is_file() and _is_image_array(p):
         return _option_names(array_image_source) or []
     return _option_names(_point_file_options) or []
 
@@ -100,6 +110,7 @@ def source_from_path(path: str | os.PathLike, *, seed: int = 0, **options) -> Da
     if p.is_dir():
         _check_options(f"a PNG folder ({p.name})", png_folder_source, options)
         return png_folder_source(p, seed=seed, **options)
+    regular_file(p)  # a FIFO or device is refused without opening it (nothing blocks)
     if _is_image_array(p):
         _check_options(f"an image array ({p.name})", array_image_source, options)
         return array_image_source(p, seed=seed, **options)

@@ -47,10 +47,12 @@ Splits = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _find(root: Path, sub: str, *names: str) -> Path | None:
+    from .sources import regular_file
+
     for d in (root / sub, root / sub.lower(), root / sub.upper(), root):
         for n in names:
-            if (d / n).is_file():
-                return d / n
+            if (d / n).exists() and not (d / n).is_dir():
+                return regular_file(d / n)  # a FIFO or device is refused, not opened
     return None
 
 

@@ -63,6 +63,19 @@ def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: 
     return torch.cat(out)
 
 
+def _metric(out: dict, name: str, fn) -> None:
+    """``out[name] = fn()``; a metric that fails on degenerate samples (e.g. a singular matrix, overflow) is
+    reported as ``None`` with the reason in ``out["unavailable"]`` instead of failing the whole evaluation."""
+    try:
+        v = fn()
+        out[name] = v if math.isfinite(v) else None
+        if out[name] is None:
+            out.setdefault("unavailable", {})[name] = f"non-finite value {v}"
+    except (np.linalg.LinAlgError, FloatingPointError, OverflowError, ValueError) as e:
+        out[name] = None
+        out.setdefault("unavailable", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def _put(out: dict, nats: str, bpd: str, r) -> None:
     out[f"{nats}_nats"] = r.nats
     out[f"{nats}_nats_se"] = r.nats_se
@@ -144,8 +157,8 @@ def evaluate_model(
         s_ok = samples_np[finite.numpy()]
         ref = x_ref.double().numpy().reshape(len(x_ref), -1)
         if len(s_ok) >= 2:
-            out["sliced_wasserstein"] = sliced_wasserstein(s_ok, ref, seed=seed)
-            out["w2_emd"] = wasserstein2_emd(s_ok, ref, n=n_ot, seed=seed)
+            _metric(out, "sliced_wasserstein", lambda: sliced_wasserstein(s_ok, ref, seed=seed))
+            _metric(out, "w2_emd", lambda: wasserstein2_emd(s_ok, ref, n=n_ot, seed=seed))
         if source.support is not None and getattr(source.support, "sharp", False):
             inside = source.contains(np.where(finite.numpy()[:, None], samples_np, 1e9))
             out["fraction_in_support"] = float(inside.mean())
