@@ -187,18 +187,17 @@ def test_wrong_lambda_coefficient_would_be_caught():
     from diffflow_ext.samplers import EulerMaruyamaSampler
 
     class WrongCoefficient(EulerMaruyamaSampler):
-        def step(self, model, x, t_next, dt, g_next, lam, generator, noisy):
+        def step(self, model, x, t_next, t_prev, dt, g_next, generator, noisy):
             f, s = model.drift(x, t_next), model.score(x, t_next)
-            g2 = (g_next**2).reshape(-1, 1)
+            g2 = (g_next**2).reshape(-1, 1).to(x.dtype)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            return ops.em_step(x, -(f - 0.5 * (1 + lam) * g2 * s), z, dt, lam * g_next)
+            return ops.em_step(x, -(f - 0.5 * (1 + self.lam) * g2 * s), z, dt, self.lam * g_next)
 
     v0, gval, T = 0.25, 1.0, 1.0
     model = DiffFlow(Zero(), ContinuousGaussianScore(v0, gval), (2,), num_steps=400, t_start=1e-3, t_end=T,
                      time_exponent=1.0, diffusion=gval, prior_std=math.sqrt(v0 + gval**2 * T), backend="torch")
     x = model.prior_std * torch.randn(40000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    out = WrongCoefficient()(model, x, lam=2.0, num_steps=None, generator=torch.Generator().manual_seed(12),
-                             denoise=False, keep_trajectory=False)
+    out = WrongCoefficient(lam=2.0)(model, x, generator=torch.Generator().manual_seed(12), denoise=False)
     var = torch.diagonal(torch.cov(out.T))
     assert (var - (v0 + 1e-3)).abs().min() > 0.04 * (v0 + 1e-3)
 
@@ -286,10 +285,24 @@ def test_progressive_and_flexible_schedules():
     ({"grid": "random"}, "grid"),
     ({"prior_std": 0}, "prior_std"),
     ({"t_start": 0.1, "t_end": 0.05}, "t_start"),
+    ({"t_start": "0.001"}, "t_start: expected a finite number"),
+    ({"t_end": float("nan")}, "t_end: expected a finite number"),
+    ({"num_steps": 10**8}, r"num_steps: expected an integer number of steps in \[1, 100000\]"),
+    ({"num_steps": 1e8}, "num_steps"),
+    ({"memory_budget": -1}, "memory_budget"),
+    ({"memory_budget": "1GB"}, "memory_budget"),
+    ({"checkpoint_schedule": "revolve?"}, "checkpoint_schedule: expected one of 'end', 'uniform'"),
+    ({"autocast_dtype": torch.float64}, "autocast_dtype: expected None, torch.bfloat16 or torch.float16"),
+    ({"diffusion": nn.Linear(1, 1)}, "diffusion: a module with learnable parameters is not supported"),
+    ({"data_shape": None}, "data_shape"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        DiffFlow.mlp(2, **kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        if "data_shape" in kwargs:
+            DiffFlow(TimeMLP(2), TimeMLP(2), **kwargs)
+        else:
+            DiffFlow.mlp(2, **kwargs)
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_bad_data_shapes_raise():
@@ -298,9 +311,70 @@ def test_bad_data_shapes_raise():
         model.loss(torch.randn(4, 3))
     with pytest.raises(ValueError, match="n: expected a positive integer"):
         model.sample(0)
-    with pytest.raises(ValueError, match="lam"):
-        model.sample(3, lam=-1.0)
+    for lam in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lam: expected a finite number >= 0"):
+            model.sample(3, lam=lam)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(6, 2)
+        x[3, 1] = bad
+        with pytest.raises(ValueError, match="x0: 1 of 6 samples hold NaN or inf"):
+            model.loss(x)
+    with pytest.raises(ValueError, match="num_steps"):
+        model.sample(3, num_steps=10**8)
     with pytest.raises(ValueError, match="method"):
         model.sample(3, method="heun?")
     with pytest.raises(ValueError, match="method"):
         model.log_prob(torch.randn(2, 2), method="magic")
+
+
+def test_learnable_diffusion_callable_is_refused():
+    scale = nn.Parameter(torch.tensor(0.3))
+    model = DiffFlow.mlp(2, hidden=8, depth=1, num_steps=3, diffusion=lambda t: scale * (1 + t))
+    with pytest.raises(ValueError, match="diffusion: the callable returned a g that requires grad"):
+        model.loss(torch.randn(4, 2))
+    with torch.no_grad():  # evaluation with a fixed value of g is fine
+        assert torch.isfinite(model.nll_bound(torch.randn(4, 2)).nats).all()
+    with pytest.raises(ValueError, match="diffusion: the callable returned a g that is not finite and positive"):
+        DiffFlow.mlp(2, hidden=8, depth=1, num_steps=3, diffusion=lambda t: t - 0.01).loss(torch.randn(4, 2))
+
+
+def test_per_grid_point_diffusion_agrees_on_flexible_grids():
+    """g given per point of the fixed grid: training on a flexible grid, the ODE and log_prob all use the same
+    piecewise-linear g(t), which equals the given values at the fixed grid's points."""
+    values = [0.2, 0.5, 0.3, 0.6, 0.25]
+    model = DiffFlow.mlp(2, hidden=8, depth=1, num_steps=4, diffusion=values, grid="flexible").double()
+    t = model.time_grid(16, generator=torch.Generator().manual_seed(0))
+    _, _, g = model.step_coefficients(t, torch.float64)
+    assert torch.allclose(g, model.diffusion_at(t), rtol=0, atol=1e-15)
+    assert not torch.allclose(g[:, 1:-1], torch.tensor(values[1:-1], dtype=torch.float64).expand(16, -1))
+    fixed = model.time_grid(3, grid="fixed")
+    _, _, g_fixed = model.step_coefficients(fixed, torch.float64)
+    assert torch.equal(g_fixed, torch.tensor(values, dtype=torch.float64).expand(3, -1))
+
+
+@pytest.mark.parametrize("network,kwargs,shape", [
+    ("mlp", {"hidden": 8, "depth": 1}, (2,)),
+    ("mlp", {"hidden": 8, "depth": 2, "time_dim": 8}, (1, 3, 3)),
+])
+def test_config_round_trip_for_registered_networks(network, kwargs, shape):
+    torch.manual_seed(0)
+    model = DiffFlow.from_networks(network, shape, kwargs, num_steps=4, gradient="auto", memory_budget=2**20,
+                                   checkpoint_schedule="uniform", autocast_dtype=torch.bfloat16, diffusion=[0.1] * 5)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    cfg = model.config()
+    import json
+    cfg = json.loads(json.dumps(cfg))
+    clone = DiffFlow.from_config(cfg)
+    clone.load_state_dict(model.state_dict())
+    assert clone.config() == cfg and clone.autocast_dtype == torch.bfloat16 and clone.memory_budget == 2**20
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        a, b = model.loss(x, torch.Generator().manual_seed(1)), clone.loss(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # the older MLP form still loads
+    old = DiffFlow.from_config({"dim": 2, "hidden": 8, "depth": 1, "time_dim": 32, "num_steps": 3,
+                                "gradient": "adjoint"})
+    assert old.gradient == "adjoint" and old.config()["drift"]["name"] == "mlp"
+    with pytest.raises(ValueError, match="config: the drift network was not built by"):
+        DiffFlow(nn.Identity(), model.score, shape).config()
