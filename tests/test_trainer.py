@@ -222,6 +222,15 @@ def test_overwrite_replaces_a_previous_run_completely(tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [2]  # the old run's log is gone, not appended to
 
 
+def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_previous_run_back(tmp_path):
+    _run(tmp_path, "r", iters=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    with pytest.raises(NonFiniteError):
+        train(TrainConfig(**{**TINY, "iters": 5, "out": str(tmp_path / "r")}), overwrite=True, progress=False,
+              final_eval=False, log=lambda s: None, hooks=[_poison(1)])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+
+
 def test_train_step_matches_a_hand_written_step():
     """``train_step`` with one shard == zero_grad / loss / backward / clip / Adam step / scheduler / EMA."""
     from diffflow_ext.data import get_data_source

@@ -344,6 +344,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         save_checkpoint(path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
                         ema=state.ema, step=state.step, generators=gens, numpy_rngs={"data": state.data_rng},
                         extra=extra)
+        folder.commit()
 
     from tqdm.auto import tqdm
 

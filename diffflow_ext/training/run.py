@@ -18,6 +18,8 @@ from typing import Any
 __all__ = ["CHECKPOINT_NAME", "OUTPUT_NAMES", "RunFolder", "choose_out_dir"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: where ``--overwrite`` keeps the replaced run until the new run's first checkpoint
+PREVIOUS_RUN = ".previous-run"
 #: every file a training run writes into its folder
 OUTPUT_NAMES = (CHECKPOINT_NAME, "log.jsonl", "metrics.json", "samples.npy", "samples.png", "trajectories.png")
 
@@ -81,12 +83,16 @@ class RunFolder:
         self.is_main = is_main
         self.created_dir = False
         self.created: list[Path] = []
+        self._missing: list[Path] = []
+        self._backup: Path | None = None
         self._tb = None
 
     def open(self, *, replace_run: bool = False) -> None:
         """Create the folder (and parents) and check it is writable; one-line errors.
 
-        ``replace_run``: the folder holds a previous run that ``--overwrite`` replaces; its outputs are removed.
+        ``replace_run``: the folder holds a previous run that ``--overwrite`` replaces; its outputs are moved
+        aside (``.previous-run/``) and deleted by :meth:`commit` once the new run has written its first
+        checkpoint, or put back by :meth:`discard` if the new run fails before that.
         """
         if not self.is_main:
             return
@@ -101,9 +107,13 @@ class RunFolder:
         self.created_dir = bool(missing)
         self._missing = missing
         if replace_run:
-            for n in OUTPUT_NAMES:
-                (self.path / n).unlink(missing_ok=True)
-            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+            backup = self.path / PREVIOUS_RUN
+            shutil.rmtree(backup, ignore_errors=True)
+            backup.mkdir()
+            for n in (*OUTPUT_NAMES, "tensorboard"):
+                if (self.path / n).exists():
+                    os.replace(self.path / n, backup / n)
+            self._backup = backup
 
     def file(self, name: str) -> Path:
         p = self.path / name
@@ -141,18 +151,32 @@ class RunFolder:
             self._tb.close()
             self._tb = None
 
+    def commit(self) -> None:
+        """The run has written its first checkpoint: a replaced previous run is now deleted."""
+        backup = self._backup
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+            self._backup = None
+
     def discard(self) -> None:
-        """Undo a run that failed before its first checkpoint: remove what it created."""
+        """Undo a run that failed before its first checkpoint: remove what it created (and put back a
+        previous run that ``--overwrite`` was replacing)."""
         self.close()
         if not self.is_main:
             return
+        backup = self._backup
         for p in reversed(self.created):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+        if backup is not None:
+            for p in backup.iterdir():
+                os.replace(p, self.path / p.name)
+            backup.rmdir()
+            self._backup = None
         if self.created_dir:
-            for d in getattr(self, "_missing", []):
+            for d in self._missing:
                 try:
                     d.rmdir()
                 except OSError:
