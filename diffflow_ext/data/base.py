@@ -386,7 +386,9 @@ class DataSource:
         s = {"source": self.spec, "kind": self.kind, "shape": list(self.shape), "name": self.name,
              "transform": self.transform.state()}
         if not self.streaming:
-            s["sha256"] = {k: sha256_array(v) for k, v in self._splits.items()}
+            if getattr(self, "_sha", None) is None:  # splits never change: hash once (checkpoints call this often)
+                self._sha = {k: sha256_array(v) for k, v in self._splits.items()}
+            s["sha256"] = dict(self._sha)
         if self.info.get("file_sha256"):
             s["file_sha256"] = self.info["file_sha256"]
         return s
