@@ -487,30 +487,60 @@ def _train_plan(args) -> tuple[TrainConfig, Any, Any]:
 
 
 def _check_data_flags(spec: str, explicit: dict[str, Any], name: Callable[[str], str]) -> None:
-    """Data options that the data source would ignore are errors."""
-    from .data import sources  # noqa: F401  (registers the built-in sources)
+    """Data options that the data source would ignore are errors; a data path must be a folder or a regular file
+    (a FIFO or device would block)."""
+    from .data import data_source_options, sources  # noqa: F401  (sources: registers the built-in sources)
     from .data.base import _ALIASES, DATA_SOURCES
 
-    key = _ALIASES.get(spec.lower(), spec.lower())
-    entry = DATA_SOURCES.get(key)
-    if entry is not None and not Path(spec).exists():
-        if "holdout" in explicit:
-            why = "is generated (its held-out set is a fresh draw)" if entry.kind == "points" else "has fixed splits"
-            raise CLIError(f"{name('holdout')}: applies to point files, arrays and PNG folders; {key} {why}")
-        if "data_dir" in explicit and not entry.needs_dir:
-            raise CLIError(f"{name('data_dir')}: {key} reads no files (only sources such as mnist, cifar10 or power "
-                           "do)")
-    elif "data_dir" in explicit:
+    _check_data_path(spec, name("data"))
+    takes = data_source_options(spec)
+    if "holdout" in explicit and takes is not None and "holdout" not in takes:
+        key = _ALIASES.get(spec.lower(), spec.lower())
+        why = "is generated (its held-out set is a fresh draw)" if key in DATA_SOURCES and \
+            DATA_SOURCES[key].kind == "points" else "has fixed splits"
+        raise CLIError(f"{name('holdout')}: applies to point files, arrays and PNG folders; {key} {why}")
+    entry = DATA_SOURCES.get(_ALIASES.get(spec.lower(), spec.lower()))
+    if "data_dir" in explicit and (entry is None or Path(spec).exists()):
         raise CLIError(f"{name('data_dir')}: applies to named data sources (mnist, cifar10, power, ...), not to the "
                        f"file {spec}")
+    if "data_dir" in explicit and not entry.needs_dir:
+        raise CLIError(f"{name('data_dir')}: {entry.name} reads no files (only sources such as mnist, cifar10 or "
+                       "power do)")
+
+
+def _check_data_path(spec: str, flag: str) -> None:
+    """An existing data path that is not a folder must be a non-empty regular file (checked without opening it)."""
+    p = Path(spec)
+    try:
+        is_dir = p.is_dir()
+        exists = is_dir or os.path.lexists(p)
+    except OSError:
+        return
+    if exists and not is_dir:
+        from .data.files import DataFileError, check_regular_file
+
+        try:
+            check_regular_file(p)
+        except DataFileError as e:
+            raise CLIError(f"{flag} {_one_line(e)}", 1) from None
+
+
+def _stored_data_error(e: Exception, ck) -> Exception:
+    """Problems with the data state stored in ``ck`` are named with the checkpoint's path."""
+    if isinstance(e, ValueError) and str(e).startswith("stored data state"):
+        return CLIError(f"{ck.path}: {_one_line(e)}", 1)
+    return e
 
 
 def _cmd_train(args) -> int:
     from .training import train
 
     cfg, ck, source = _train_plan(args)
-    summary = train(cfg, resume=str(ck.path) if ck is not None else None, overwrite=args.overwrite,
-                    progress=not args.no_progress, source=source)
+    try:
+        summary = train(cfg, resume=str(ck.path) if ck is not None else None, overwrite=args.overwrite,
+                        progress=not args.no_progress, source=source)
+    except ValueError as e:
+        raise _stored_data_error(e, ck) if ck is not None else e from None
     if summary.get("metrics") is not None:
         print(json.dumps({k: summary[k] for k in ("out", "step", "train_seconds", "iters_per_second")}
                          | {"metrics": summary["metrics"]}, indent=2))
@@ -678,6 +708,9 @@ def _data_source(ck) -> tuple[Any, str | None]:
     try:
         return data_source_from_state(ck.extra.get("data")), None
     except (ValueError, OSError) as e:
+        err = _stored_data_error(e, ck)
+        if err is not e:
+            raise err from None
         return None, _one_line(e)
     except (KeyError, TypeError, AttributeError) as e:
         raise CLIError(f"{ck.path}: invalid stored data state ({type(e).__name__}: {_one_line(e)})", 1) from None
@@ -754,12 +787,17 @@ def _cmd_eval(args) -> int:
     device = resolve_device(o.device)
     n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))
     n_ode = o.n_ode if o.n_ode is not None else int(tc.get("final_ode", 500))
-    res = evaluate_checkpoint(
-        args.checkpoint, data=o.data, data_dir=o.data_dir, split=o.split, n_samples=n_samples, n_heldout=o.n_heldout,
-        n_nll=o.n_nll, n_ode=n_ode, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0, draws=o.draws,
-        device=device, batch_size=o.batch_size, fid={"auto": None, "on": True, "off": False}[o.fid],
-        fid_weights=o.fid_weights, **plan,
-    )
+    if o.data is not None:
+        _check_data_path(o.data, typed.get("data", "--data"))
+    try:
+        res = evaluate_checkpoint(
+            args.checkpoint, data=o.data, data_dir=o.data_dir, split=o.split, n_samples=n_samples,
+            n_heldout=o.n_heldout, n_nll=o.n_nll, n_ode=n_ode, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0,
+            draws=o.draws, device=device, batch_size=o.batch_size, fid={"auto": None, "on": True, "off": False}[o.fid],
+            fid_weights=o.fid_weights, **plan,
+        )
+    except ValueError as e:
+        raise _stored_data_error(e, ck) from None
     text = json.dumps(res, indent=2)
     if o.json:
         atomic_write_text(o.json, text + "\n")

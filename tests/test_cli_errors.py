@@ -311,9 +311,22 @@ def test_sample_refuses_a_stored_data_state_without_a_valid_transform(run_dir, t
     ck = load_checkpoint(run_dir)
     path = tmp_path / "c" / "checkpoint.safetensors"
     save_checkpoint(path, model=ck.build_model(), step=ck.step, extra={**ck.extra, "data": data})
-    rc, lines = _run(["sample", path, "-n", "5", "--out", tmp_path / "s.npy"], capsys)
-    _one_line_error(rc, lines, flag=str(path), code=1)
+    for argv in (["sample", path, "-n", "5", "--out", tmp_path / "s.npy"], ["eval", path, "--n-samples", "10"],
+                 ["train", "--resume", path, "--iters", "9", "--no-progress"]):
+        rc, lines = _run(argv, capsys)
+        _one_line_error(rc, lines, flag=str(path), code=1)
     assert not (tmp_path / "s.npy").exists()  # never samples left in model space
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_data_is_refused_without_blocking(run_dir, tmp_path, capsys):
+    fifo = tmp_path / "d.npy"
+    os.mkfifo(fifo)
+    rc, lines = _run(["train", fifo, "--out", tmp_path / "r", *TINY], capsys)  # would block if opened
+    _one_line_error(rc, lines, flag="FIFO", code=1)
+    rc, lines = _run(["eval", run_dir, "--data", fifo], capsys)
+    _one_line_error(rc, lines, flag="--data", code=1)
+    assert not (tmp_path / "r").exists()
 
 
 def test_sample_without_the_training_data_uses_the_stored_transform(tmp_path, capsys):
