@@ -151,6 +151,10 @@ def test_hepmass(tmp_path):
     ref = _maf_hepmass(tr, te)
     assert ref[0].shape[1] == f - 1
     _check(get_data_source("hepmass", data_dir=tmp_path), ref, f - 1)
+    # the same test rows with a header one name short and a trailing delimiter on every row
+    lines = (tmp_path / "hepmass" / "1000_test.csv").read_text().splitlines()
+    (tmp_path / "hepmass" / "1000_test.csv").write_text("\n".join([hdr] + [ln + "," for ln in lines[1:]]) + "\n")
+    _check(get_data_source("hepmass", data_dir=tmp_path), ref, f - 1)
 
 
 def test_miniboone(tmp_path):

@@ -104,15 +104,20 @@ def load_power(root: Path) -> Splits:
     return _standardise(tr, va, te, np.vstack((tr, va)))
 
 
-def _read_csv_header(path: Path) -> tuple[list[str], np.ndarray]:
+def _read_csv_header(path: Path, *, strict: bool = True) -> tuple[list[str], np.ndarray]:
+    """A numeric CSV with one header row. ``strict=False`` allows rows with more values than header names and a
+    trailing delimiter (HEPMASS's test file, which MAF calls "messed up")."""
     with open(path, encoding="utf-8") as fh:
         header = fh.readline().strip()
+        first = fh.readline().strip()
     names = [c.strip().strip('"').lstrip("# ").strip() for c in header.split(",")]
+    fields = first.split(",")
+    usecols = range(len(fields) - 1) if fields and fields[-1].strip() == "" else None
     try:
-        data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+        data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, usecols=usecols)
     except ValueError as e:
-        raise DataSourceError(f"{path}: not a numeric CSV with one header row ({e})") from None
-    if data.shape[1] != len(names):
+        raise DataSourceError(f"{path}: not a numeric CSV with one header row ({str(e)[:120]})") from None
+    if strict and data.shape[1] != len(names):
         raise DataSourceError(f"{path}: header has {len(names)} names, rows have {data.shape[1]} values")
     return names, data
 
@@ -148,8 +153,8 @@ def load_gas(root: Path, *, allow_pickle: bool = False) -> Splits:
 
 
 def load_hepmass(root: Path) -> Splits:
-    _, tr = _read_csv_header(_need(root, "hepmass", "1000_train.csv"))
-    _, te = _read_csv_header(_need(root, "hepmass", "1000_test.csv"))
+    _, tr = _read_csv_header(_need(root, "hepmass", "1000_train.csv"), strict=False)
+    _, te = _read_csv_header(_need(root, "hepmass", "1000_test.csv"), strict=False)
     tr = tr[tr[:, 0] == 1][:, 1:]
     te = te[te[:, 0] == 1][:, 1:]
     if te.shape[1] == tr.shape[1] + 1:  # MAF: "the data set is messed up" -- the test file has an extra column
