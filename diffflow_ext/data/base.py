@@ -508,7 +508,9 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
         raise DataSourceError(f"data: expected a data source name or a path, got {spec!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataSourceError(f"seed: expected a non-negative integer, got {seed!r}")
-    s = str(spec)
+    s = os.path.expanduser(str(spec))
+    if data_dir is not None:
+        data_dir = os.path.expanduser(str(data_dir))
     key = _ALIASES.get(s.lower(), s.lower())
     if key in DATA_SOURCES and not (Path(s).exists() and _looks_like_path(s) and os.sep in s):
         e = DATA_SOURCES[key]
