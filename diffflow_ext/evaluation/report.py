@@ -220,6 +220,8 @@ def evaluate_checkpoint(
         other = get_data_source(data, data_dir=data_dir, seed=int(tc.get("seed", 0)))
         if other.shape != src.shape:
             raise ValueError(f"--data has sample shape {other.shape}, the model was trained on {src.shape}")
+        if other.levels != src.levels:
+            raise ValueError(f"--data has {other.levels} grey levels, the model was trained on {src.levels}")
         if other.info.get("holdout") is not None:  # a point file: evaluate on all of it
             from ..data.sources import points_source
 
