@@ -45,9 +45,8 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and Path(
 if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     os.environ["TORCH_CUDA_ARCH_LIST"] = CONFIG["default_cuda_arch_list"]
 
-from setuptools import setup  # noqa: E402
-
 import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -71,7 +70,8 @@ def _cuda_build() -> tuple[bool, str]:
     nvcc = Path(home, "bin", "nvcc") if home else None
     if nvcc is None or not nvcc.exists():
         return False, f"nvcc not found (CUDA_HOME={home!r}, nvcc on PATH: {shutil.which('nvcc')})"
-    return True, f"nvcc {nvcc}, torch CUDA {torch.version.cuda}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    return True, f"nvcc {nvcc}, torch CUDA {torch.version.cuda}, TORCH_CUDA_ARCH_LIST={archs}"
 
 
 def _extensions() -> list:

@@ -3,8 +3,8 @@
 Timing model (``time_fn``): a few warm-up calls, then ``repeats`` timed *blocks*; each block runs the
 callable ``inner`` times back to back between two device synchronisations (``inner`` is calibrated so
 that a block lasts at least ``min_block_s``, which keeps timer resolution and launch jitter out of
-microsecond-scale ops). The reported time is the median over blocks of the per-call time, on the wall clock by default or on the
-process CPU clock (``--clock cpu``, for shared machines; see :func:`setup_cpu`).
+microsecond-scale ops). The reported time is the median over blocks of the per-call time, on the wall clock
+by default or on the process CPU clock (``--clock cpu``, for shared machines; see :func:`setup_cpu`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -108,7 +108,8 @@ def train_tables(doc: dict) -> str:
                 parts += [f"adjoint peak minus states, N={r['n_hi']} / N={r['n_lo']}: "
                           f"{r['adjoint_growth_ex_states']:.2f}x (target <= 1.3: "
                           f"{'met' if r['growth_met'] else 'MISSED'}); adjoint / autograd peak at N={r['n_hi']}: "
-                          f"{r['adjoint_over_autograd']:.3f} (target <= 0.2: {'met' if r['vs_autograd_met'] else 'MISSED'}).",
+                          f"{r['adjoint_over_autograd']:.3f} "
+                          f"(target <= 0.2: {'met' if r['vs_autograd_met'] else 'MISSED'}).",
                           ""]
     return "\n".join(parts)
 

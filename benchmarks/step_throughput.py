@@ -53,9 +53,8 @@ import argparse
 import time
 import warnings
 
-import torch
-
 import _common as C  # noqa: E402  (puts the checkout on sys.path)
+import torch
 
 from diffflow_ext import ops  # noqa: E402
 from diffflow_ext.ops import reference  # noqa: E402
@@ -165,6 +164,13 @@ def make_call(op: str, fn, args: list, names: list, mode: str, gen: torch.Genera
     return call
 
 
+def _copy_fn(n: int, device):
+    """``dst.copy_(src)`` for two fresh float32 buffers of ``n`` elements (one read + one write)."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write one record per measurement to this file")
@@ -245,12 +251,10 @@ def main(argv=None) -> int:
                         compile_s[impl] = time.perf_counter() - t0
                 # the practical limit, in the same rounds: dst.copy_(src) moving the same number of bytes
                 n_copy = max(1, nbytes // 2 // 4)
-                src = torch.randn(n_copy, device=device)
-                dst = torch.empty_like(src)
-                fns[COPY] = lambda: dst.copy_(src)
+                fns[COPY] = _copy_fn(n_copy, device)
                 results = C.time_interleaved(fns, device, repeats=repeats, max_total_s=max_time * len(fns),
                                              min_block_s=min_block)
-                del src, dst
+                del fns[COPY]  # frees its buffers
                 cg = 2 * n_copy * 4 / results.pop(COPY)["median_s"] / 1e9
                 for impl in results:
                     results[impl]["compile_s"] = compile_s.get(impl)
@@ -260,7 +264,8 @@ def main(argv=None) -> int:
                         op=op, backend=impl, size=size, B=B, D=D, dtype=args.dtype, device=str(device), mode=mode,
                         median_s=st["median_s"], min_s=st["min_s"], iqr_s=st["iqr_s"], repeats=st["repeats"],
                         inner=st["inner"], clock=st["clock"], wall_median_s=st["wall_median_s"],
-                        cpu_median_s=st["cpu_median_s"], bytes=nbytes, GBps=gbps, copy_GBps=cg, fraction_of_copy=gbps / cg,
+                        cpu_median_s=st["cpu_median_s"], bytes=nbytes, GBps=gbps, copy_GBps=cg,
+                        fraction_of_copy=gbps / cg,
                         speedup_vs_eager=results["eager"]["median_s"] / st["median_s"],
                         speedup_vs_compile=(results["compile"]["median_s"] / st["median_s"]
                                             if "compile" in results else None),

@@ -340,6 +340,9 @@ def test_bad_input_names_argument(step_cases, op, backend):
         if kinds[sname] == "p":
             with pytest.raises(ValueError, match=rf"^{sname}: expected (a positive number|a number >= 0)"):
                 run(j, -0.1)
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            with pytest.raises(ValueError, match=rf"^{sname}: expected a finite number"):
+                run(j, bad)
     with pytest.raises(ValueError, match="^backend: expected one of"):
         getattr(ops, op)(*good, backend="fastest")
 
@@ -485,3 +488,134 @@ print("OK")
         assert src == "diffflow_ext._C"
     elif torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and src != "diffflow_ext._C_avx2":
         pytest.fail(f"AVX2-capable CPU but {src} was loaded (is diffflow_ext._C_avx2 built?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# C++ autograd, long-row accuracy, the open backend registry
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("op", DIFF_OPS + ("adjoint_step",))
+def test_compiled_ops_have_cpp_autograd(step_cases, op):
+    """The compiled CPU ops carry their autograd in C++ (AutogradCPU kernel, a C++ autograd node), not the
+    Python register_autograd formula; without grad they return plain tensors."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"diffflow_ext::{op}", "AutogradCPU")
+    args = step_cases.make_args(op, (3, 5), torch.float64, requires_grad=True)
+    out = step_cases.as_tuple(step_cases.call(op, args, "cpu"))
+    assert out[0].grad_fn is not None and f"{_camel(op)}Fn" in out[0].grad_fn.name(), out[0].grad_fn.name()
+    with torch.no_grad():
+        plain = step_cases.as_tuple(step_cases.call(op, args, "cpu"))
+    assert all(t.grad_fn is None and not t.requires_grad for t in plain)
+
+
+def _camel(op: str) -> str:
+    return "".join(p.capitalize() for p in op.split("_"))
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("wrt", [(2, 6), (0, 3), (1, 5, 7), (4,)])
+def test_cpp_autograd_partial_grads_match_reference(wrt):
+    """autograd.grad w.r.t. a subset of flow_step's inputs (the C++ node computes only those, incl. the
+    per-sample dt/g sums only when asked) gives the reference's gradients."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    dt_prev, dt = ((torch.rand(4, generator=gen, dtype=torch.float64) + 0.1).requires_grad_() for _ in range(2))
+    g = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    args = [*xs, dt_prev, dt, g]
+    grads = {}
+    for backend in ("cpu", "torch"):
+        x_next, hs = ops.flow_step(*args, backend=backend)
+        loss = x_next.square().sum() + (hs * torch.arange(1.0, 5.0, dtype=torch.float64)).sum()
+        grads[backend] = torch.autograd.grad(loss, [args[i] for i in wrt])
+    torch.testing.assert_close(grads["cpu"], grads["torch"], rtol=1e-10, atol=1e-10)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("op", ["backward_noise", "flow_step"])
+def test_long_row_sums_are_accurate(op):
+    """Per-sample half squared norms of long float32 rows are summed pairwise: within 1e-6 relative of a
+    float64 reference at D = 2^21 (a lane-sequential sum is 2.7e-5 off there, 2e-4 at D = 8.4M; torch's
+    sum 5e-8)."""
+    D = 1 << 21
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(2, D, generator=gen) for _ in range(5)]
+    dt = torch.tensor([0.01, 0.003])
+    g = torch.tensor([0.7, 1.3])
+    x64 = [t.double() for t in xs]
+    dt64, g64 = dt.double(), g.double()
+    if op == "backward_noise":
+        hs = ops.backward_noise(*xs[:4], dt, g, backend="cpu")[1]
+        ref = ops.reference.backward_noise_ref(*x64[:4], dt64, g64)[1]
+    else:
+        hs = ops.flow_step(*xs, dt, dt, g, backend="cpu")[1]
+        ref = ops.reference.flow_step_ref(*x64, dt64, dt64, g64)[1]
+    rel = ((hs.double() - ref).abs() / ref).max().item()
+    assert rel < 1e-6, rel
+
+
+def _counting_backend(name, calls, devices=("cpu",)):
+    def wrap(op):
+        ref = getattr(ops.reference, f"{op}_ref")
+
+        def fn(*args):
+            calls.append(op)
+            return ref(*args)
+
+        return fn
+
+    return backends.Backend(name=name, devices=devices, available=lambda: (True, "test backend"),
+                            **{op: wrap(op) for op in _library.FORWARD_OPS})
+
+
+def test_registered_backend_is_selectable_everywhere(monkeypatch):
+    """backends.register() makes a backend selectable by every op, by DiffFlow(backend=...), by
+    DIFFFLOW_BACKEND and (preferred=True) by "auto"; available_backends() reports it; unregister() removes it."""
+    calls: list[str] = []
+    backends.register(_counting_backend("mine", calls))
+    try:
+        assert diffflow_ext.available_backends()["mine"] == {"available": True, "devices": ["cpu"],
+                                                             "reason": "test backend"}
+        x = torch.randn(3, 4)
+        w = torch.ones(3)
+        torch.testing.assert_close(ops.em_step(x, x, x, 0.1, 0.5, backend="mine"),
+                                   ops.em_step(x, x, x, 0.1, 0.5, backend="torch"))
+        ops.backward_noise(x, x, x, x, 0.1, 0.5, backend="mine")
+        ops.flow_step(x, x, x, x, x, 0.1, 0.1, 0.5, backend="mine")
+        ops.adjoint_step(x, x, x, x, w, x, x, 0.1, 0.1, 0.5, backend="mine")
+        assert calls == ["em_step", "backward_noise", "flow_step", "adjoint_step"]
+
+        calls.clear()
+        monkeypatch.setenv(backends.ENV_VAR, "mine")
+        ops.em_step(x, x, x, 0.1, 0.5)
+        assert calls == ["em_step"]
+        monkeypatch.delenv(backends.ENV_VAR)
+
+        net = torch.nn.Linear(2, 2)
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = net
+
+            def forward(self, x, t):
+                return self.lin(x)
+
+        calls.clear()
+        model = diffflow_ext.DiffFlow(Net(), Net(), data_shape=(2,), num_steps=3, backend="mine")
+        model.loss(torch.randn(8, 2)).backward()
+        assert calls and set(calls) <= set(_library.FORWARD_OPS)
+
+        # preferred: first for "auto" on its devices
+        calls.clear()
+        backends.register(_counting_backend("mine", calls), preferred=True)
+        assert backends.resolve("auto", torch.device("cpu")).name == "mine"
+    finally:
+        backends.unregister("mine")
+    assert "mine" not in diffflow_ext.available_backends()
+    assert backends.resolve("auto", torch.device("cpu")).name in ("cpu", "torch")
+    with pytest.raises(ValueError, match="^backend: expected one of 'auto', .*got 'mine'"):
+        ops.em_step(x, x, x, 0.1, 0.5, backend="mine")
+    with pytest.raises(ValueError, match="built-in"):
+        backends.register(_counting_backend("cpu", calls))
+    with pytest.raises(TypeError, match="expected a diffflow_ext.ops.backends.Backend"):
+        backends.register("mine")

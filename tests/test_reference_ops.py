@@ -58,8 +58,8 @@ def test_half_types_accumulate_in_float32():
     delta16, hs16 = ref.backward_noise_ref(*(a.to(torch.bfloat16) for a in args),
                                            torch.full((3,), 0.01), torch.full((3,), 0.5))
     assert delta16.dtype == torch.bfloat16 and hs16.dtype == torch.float32
-    _, hs64 = ref.backward_noise_ref(*(a.to(torch.bfloat16).double() for a in args),
-                                     torch.full((3,), 0.01, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64))
+    dt64, g64 = torch.full((3,), 0.01, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    _, hs64 = ref.backward_noise_ref(*(a.to(torch.bfloat16).double() for a in args), dt64, g64)
     torch.testing.assert_close(hs16.double(), hs64, rtol=1e-5, atol=0)
 
 

@@ -18,7 +18,6 @@ if os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
     pytest.skip("needs TRITON_INTERPRET=1 set before Python starts", allow_module_level=True)
 pytest.importorskip("triton")
 
-from diffflow_ext import ops  # noqa: E402
 from diffflow_ext.ops import _library, backends  # noqa: E402
 
 OK, WHY = backends._status("triton")

@@ -236,4 +236,4 @@ struct CudaLauncher {
 }  // namespace cuda
 }  // namespace diffflow_ext
 
-DIFFFLOW_REGISTER(diffflow_ext::cuda::CudaLauncher, c10::DispatchKey::CUDA)
+DIFFFLOW_REGISTER(diffflow_ext::cuda::CudaLauncher, c10::DispatchKey::CUDA, c10::DispatchKey::AutogradCUDA)

@@ -6,15 +6,15 @@ Python with a readable message before any kernel runs.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from .reference import acc_dtype
 
-Scalar = Union[float, int, Tensor]
+Scalar = float | int | Tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -68,7 +68,7 @@ def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True,
 
     The result has the accumulation dtype of ``x`` (float32 for half types) and lives on ``x``'s
     device; tensors keep their autograd history. Python numbers are checked to be positive
-    (tensors are not inspected, which would force a device sync); ``allow_zero`` admits 0.
+    and finite (tensors are not inspected, which would force a device sync); ``allow_zero`` admits 0.
     A Python number becomes a cached expanded (stride-0, read-only) view of a 0-d tensor.
     """
     B = x.shape[0]
@@ -90,6 +90,8 @@ def per_sample_scalar(name: str, v: Scalar, x: Tensor, *, positive: bool = True,
         )
     if type(v) is float or (isinstance(v, numbers.Real) and not isinstance(v, bool)):
         fv = float(v)
+        if not math.isfinite(fv):
+            raise ValueError(f"{name}: expected a finite number, got {v}")
         if positive and not (fv > 0.0 or (allow_zero and fv == 0.0)):
             kind = "a number >= 0" if allow_zero else "a positive number"
             raise ValueError(f"{name}: expected {kind}, got {v}")

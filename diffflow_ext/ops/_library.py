@@ -14,6 +14,11 @@ write, from ``ctx.needs_input_grad``), a fake (meta) kernel for ``torch.compile`
 ``torch.export``, and an autograd formula (first order). ``adjoint_step`` is itself a backward
 pass and is not differentiable (backpropagating through it raises).
 
+Autograd: the formulas below are registered from Python (``register_autograd``, the ``Autograd`` alias key)
+for both namespaces; they serve the Triton kernels. The compiled libraries register the same formulas
+in C++ (``csrc/include/diffflow_ext/autograd.h``) for ``AutogradCPU`` / ``AutogradCUDA``, which take
+precedence over the alias key, so the compiled ops pay no Python autograd cost.
+
 Argument conventions (the public wrappers in :mod:`diffflow_ext.ops` guarantee them): every state
 tensor has the shape, dtype and device of ``x``; ``dt``, ``g``, ``dt_prev``, ``weight`` and
 ``grad_half_sqnorm`` are ``(B,)`` tensors (any stride, e.g. an expanded scalar) in the
@@ -65,7 +70,9 @@ SCHEMAS: dict[str, str] = {
         " Tensor dt_prev, Tensor dt, Tensor g) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
-FORWARD_OPS = ("em_step", "backward_noise", "flow_step", "adjoint_step")
+# The public ops (each with a ``*_backward`` op, except adjoint_step) and which is which, from SCHEMAS.
+FORWARD_OPS = tuple(name for name in SCHEMAS if not name.endswith("_backward"))
+BACKWARD_OPS = {name: f"{name}_backward" for name in FORWARD_OPS if f"{name}_backward" in SCHEMAS}
 
 _LIBS: dict[str, torch.library.Library] = {}
 
@@ -126,15 +133,7 @@ def _fake_adjoint_step(x_prev, x, drift, score, weight, adj_next, adj_direct, dt
     return _like(x), _like(x), _like(x), _like(x)
 
 
-_FAKES = {
-    "em_step": _fake_em_step,
-    "em_step_backward": _fake_em_step_backward,
-    "backward_noise": _fake_backward_noise,
-    "backward_noise_backward": _fake_backward_noise_backward,
-    "flow_step": _fake_flow_step,
-    "flow_step_backward": _fake_flow_step_backward,
-    "adjoint_step": _fake_adjoint_step,
-}
+_FAKES = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}  # one _fake_<op> per schema
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +144,7 @@ def _needs(ctx, *idx: int) -> bool:
     return any(ctx.needs_input_grad[i] for i in idx)
 
 
-def _g(wanted: bool, t: Tensor):
+def _if_needed(wanted: bool, t: Tensor):
     return t if wanted else None
 
 
@@ -173,7 +172,7 @@ def _make_autograd(namespace: str) -> dict:
         g_drift, g_noise, g_dt, g_g = bwd_op("em_step_backward")(
             grad_out, drift, noise, dt, g, ctx.dt_g_grad, [n[1], n[2]]
         )
-        return _g(n[0], grad_out), _g(n[1], g_drift), _g(n[2], g_noise), _g(n[3], g_dt), _g(n[4], g_g)
+        return tuple(_if_needed(n[i], t) for i, t in enumerate((grad_out, g_drift, g_noise, g_dt, g_g)))
 
     # backward_noise(x_prev, x_next, drift_next, score_next, dt, g) -> (delta, half_sqnorm)
     def bn_setup(ctx, inputs, output):
@@ -191,7 +190,7 @@ def _make_autograd(namespace: str) -> dict:
         outs = bwd_op("backward_noise_backward")(
             grad_delta, grad_hs, delta, drift, score, dt, g, ctx.dt_g_grad, list(n[:4])
         )
-        return tuple(_g(n[i], outs[i]) for i in range(6))
+        return tuple(_if_needed(n[i], outs[i]) for i in range(6))
 
     # flow_step(x_prev, x, drift, score, noise, dt_prev, dt, g) -> (x_next, half_sqnorm_prev)
     def fs_setup(ctx, inputs, output):
@@ -208,7 +207,7 @@ def _make_autograd(namespace: str) -> dict:
         outs = bwd_op("flow_step_backward")(
             grad_x_next, grad_hs, x_prev, x, drift, score, noise, dt_prev, dt, g, ctx.dt_g_grad, list(n[:5])
         )
-        return tuple(_g(n[i], outs[i]) for i in range(8))
+        return tuple(_if_needed(n[i], outs[i]) for i in range(8))
 
     def adj_setup(ctx, inputs, output):
         pass

@@ -6,33 +6,41 @@ A backend is an object with the four normalised ops (``em_step``, ``backward_noi
 ``devices`` (the device types it serves) and ``available()`` -> ``(ok, reason)``.
 
 Selection: ``backend="auto"`` picks the first available backend for the tensors'
-device from :data:`PREFERENCE`; the environment variable ``DIFFFLOW_BACKEND`` (one of
-:data:`BACKENDS`) overrides ``"auto"``.
+device from :data:`PREFERENCE`; the environment variable ``DIFFFLOW_BACKEND`` (a backend name)
+overrides ``"auto"``.
 
-Backends:
+Built-in backends:
 
 * ``torch``  -- the pure-PyTorch reference ops (any device, always available);
 * ``cpu``    -- compiled C++ kernels (``diffflow_ext._C``), ops ``torch.ops.diffflow_ext.*``;
 * ``cuda``   -- compiled CUDA kernels (``diffflow_ext._C_cuda``), same ops, CUDA tensors;
 * ``triton`` -- Triton kernels (:mod:`.triton_kernels`), ops ``torch.ops.diffflow_ext_triton.*``,
   CUDA tensors (and CPU tensors in the Triton interpreter, ``TRITON_INTERPRET=1``).
+
+The registry is open: :func:`register` adds a :class:`Backend` (e.g. kernels for another device, or an
+instrumented copy of the reference) that every op (``ops.em_step(..., backend="mine")``), the model
+(``DiffFlow(backend="mine")``), the CLI (``--backend mine``) and ``DIFFFLOW_BACKEND`` can then select,
+and that ``available_backends()`` reports; ``preferred=True`` also puts it first for ``"auto"`` on its
+devices. :func:`unregister` removes it again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from . import _library, reference
 
 ENV_VAR = "DIFFFLOW_BACKEND"
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+BUILTIN_BACKENDS = ("cuda", "triton", "cpu", "torch")
+# The names a user may pass ("auto" and the built-in backends); registered backends extend it (see names()).
+BACKENDS = ("auto", *BUILTIN_BACKENDS)
 
 # Fastest first, per device type.
-PREFERENCE = {
+PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
     "cuda": ("cuda", "triton", "torch"),
 }
@@ -40,6 +48,15 @@ PREFERENCE = {
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the step ops.
+
+    ``em_step``, ``backward_noise``, ``flow_step`` and ``adjoint_step`` take the arguments of the public
+    ops in :mod:`diffflow_ext.ops` with ``dt`` / ``g`` / ``weight`` already normalised to ``(B,)`` tensors
+    in the accumulation dtype (see :mod:`diffflow_ext.ops.reference`, the math every backend must match),
+    and must be differentiable if training uses them. ``devices``: the device types it serves;
+    ``available()`` -> ``(ok, reason)``.
+    """
+
     name: str
     devices: tuple[str, ...]
     em_step: Callable
@@ -56,11 +73,8 @@ def _always() -> tuple[bool, str]:
 TORCH = Backend(
     name="torch",
     devices=("cpu", "cuda", "mps", "xpu", "meta"),
-    em_step=reference.em_step_ref,
-    backward_noise=reference.backward_noise_ref,
-    flow_step=reference.flow_step_ref,
-    adjoint_step=reference.adjoint_step_ref,
     available=_always,
+    **{op: getattr(reference, f"{op}_ref") for op in _library.FORWARD_OPS},
 )
 
 
@@ -104,23 +118,11 @@ def _triton_available() -> tuple[bool, str]:
 
 
 def _op_backend(name: str, namespace: str, devices: tuple[str, ...], available: Callable) -> Backend:
-    def call(op_name):
-        def fn(*args):
-            return getattr(getattr(torch.ops, namespace), op_name)(*args)
-
-        fn.__name__ = f"{name}_{op_name}"
-        fn.__qualname__ = fn.__name__
-        return fn
-
-    return Backend(
-        name=name,
-        devices=devices,
-        em_step=call("em_step"),
-        backward_noise=call("backward_noise"),
-        flow_step=call("flow_step"),
-        adjoint_step=call("adjoint_step"),
-        available=available,
-    )
+    """A backend whose ops are the torch.library operators ``torch.ops.<namespace>.<op>.default`` (the
+    schemas are defined at import of :mod:`._library`; kernels registered later are found by the dispatcher)."""
+    ops = getattr(torch.ops, namespace)
+    return Backend(name=name, devices=devices, available=available,
+                   **{op_name: getattr(ops, op_name).default for op_name in _library.FORWARD_OPS})
 
 
 CPU = _op_backend("cpu", _library.NAMESPACE, ("cpu",), _cpu_available)
@@ -131,15 +133,48 @@ TRITON = _op_backend(
 
 _REGISTRY: dict[str, Backend] = {"torch": TORCH, "cpu": CPU, "cuda": CUDA, "triton": TRITON}
 
+# Availability of each backend, computed once (at import, see the end of this module, and on register) and
+# then a plain dict lookup, so that resolve() is traceable by torch.compile (fullgraph).
+_STATUS: dict[str, tuple[bool, str]] = {}
 
-def register(backend: Backend) -> None:
+
+def names() -> tuple[str, ...]:
+    """Every name ``backend=`` accepts: ``"auto"``, the built-in backends and the registered ones."""
+    return ("auto", *_REGISTRY)
+
+
+def register(backend: Backend, *, preferred: bool = False) -> None:
+    """Add (or replace) a backend, selectable by name from then on.
+
+    ``preferred``: also try it first for ``backend="auto"`` on each of its devices (when available).
+    The built-in names cannot be replaced.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend: expected a diffflow_ext.ops.backends.Backend, got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name or backend.name == "auto":
+        raise ValueError(f"backend.name: expected a non-empty name other than 'auto', got {backend.name!r}")
+    if backend.name in BUILTIN_BACKENDS:
+        raise ValueError(f"backend.name: {backend.name!r} is a built-in backend; choose another name")
+    missing = [op for op in _library.FORWARD_OPS if not callable(getattr(backend, op))]
+    if missing:
+        raise TypeError(f"backend {backend.name!r}: expected callables for {', '.join(missing)}")
     _REGISTRY[backend.name] = backend
     _STATUS.pop(backend.name, None)
+    for dev in backend.devices:
+        order = tuple(n for n in PREFERENCE.get(dev, ("torch",)) if n != backend.name)
+        PREFERENCE[dev] = (backend.name, *order) if preferred else order
+    _status(backend.name)
 
 
-# Availability of each backend, computed once (at import, see the end of this module) and then a plain
-# dict lookup, so that resolve() is traceable by torch.compile (fullgraph).
-_STATUS: dict[str, tuple[bool, str]] = {}
+def unregister(name: str) -> None:
+    """Remove a backend added by :func:`register` (built-in backends stay)."""
+    if name in BUILTIN_BACKENDS:
+        raise ValueError(f"backend: {name!r} is a built-in backend and cannot be removed")
+    if _REGISTRY.pop(name, None) is None:
+        raise ValueError(f"backend: no registered backend named {name!r}")
+    _STATUS.pop(name, None)
+    for dev, order in list(PREFERENCE.items()):
+        PREFERENCE[dev] = tuple(n for n in order if n != name)
 
 
 def _status(name: str) -> tuple[bool, str]:
@@ -159,41 +194,45 @@ def refresh() -> None:
 
 
 def available_backends() -> dict[str, dict]:
-    """What this install has: ``{name: {"available": bool, "devices": [...], "reason": str}}``."""
+    """What this install has: ``{name: {"available": bool, "devices": [...], "reason": str}}`` for every
+    built-in and registered backend."""
     out = {}
-    for name in BACKENDS[1:]:
+    for name, b in _REGISTRY.items():
         ok, why = _status(name)
-        b = _REGISTRY.get(name)
-        out[name] = {"available": ok, "devices": list(b.devices) if b else [], "reason": why}
+        out[name] = {"available": ok, "devices": list(b.devices), "reason": why}
     return out
 
 
+def _unknown(what: str, value: object) -> ValueError:
+    return ValueError(f"{what}: expected one of {', '.join(map(repr, names()))}, got {value!r}")
+
+
 def check_backend_name(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    """``backend`` if it names ``"auto"``, a built-in or a registered backend; else a ValueError listing them."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _REGISTRY):
+        raise _unknown("backend", backend)
     return backend
 
 
 def resolve(backend: str, device: torch.device) -> Backend:
     """The backend object to run for tensors on ``device``; clear errors when it cannot."""
-    check_backend_name(backend)
     if backend == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
         if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(
-                    f"{ENV_VAR}: expected one of {', '.join(map(repr, BACKENDS))}, got {forced!r}"
-                )
+            if forced not in _REGISTRY:
+                raise _unknown(ENV_VAR, forced)
             backend = forced
     if backend == "auto":
         for name in PREFERENCE.get(device.type, ("torch",)):
             if _status(name)[0]:
                 return _REGISTRY[name]
         return TORCH
+    b = _REGISTRY.get(backend) if isinstance(backend, str) else None
+    if b is None:
+        raise _unknown("backend", backend)
     ok, why = _status(backend)
     if not ok:
         raise RuntimeError(f"backend {backend!r} is not available in this install: {why}")
-    b = _REGISTRY[backend]
     if device.type not in b.devices:
         raise ValueError(
             f"backend {backend!r} runs on {', '.join(b.devices)} tensors, but the tensors are on {device}"

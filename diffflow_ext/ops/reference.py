@@ -55,14 +55,20 @@ def _row_half_sqnorm(delta: Tensor) -> Tensor:
     return 0.5 * d.square().reshape(d.shape[0], -1).sum(dim=1)
 
 
-def _up(*ts: Tensor) -> list[Tensor]:
+def _upcast(*ts: Tensor) -> list[Tensor]:
     """Upcast to the accumulation dtype (kernels compute in fp32 and round only the outputs)."""
     return [t.to(acc_dtype(t.dtype)) for t in ts]
 
 
+def _delta(x_prev: Tensor, x_next: Tensor, drift_next: Tensor, score_next: Tensor, dt: Tensor, g: Tensor) -> Tensor:
+    """The backward noise ``(x_prev - x_next + (drift_next - g^2 score_next) dt) / (g sqrt(dt))`` (``dt``, ``g``
+    broadcast against the states): the one place this formula is written in Python."""
+    return (x_prev - x_next + (drift_next - g * g * score_next) * dt) / (g * torch.sqrt(dt))
+
+
 def em_step_ref(x: Tensor, drift: Tensor, noise: Tensor, dt: Tensor, g: Tensor) -> Tensor:
     """Forward Euler-Maruyama step ``x + drift*dt + g*sqrt(dt)*noise`` (``dt``, ``g``: ``(B,)``)."""
-    xa, da, na = _up(x, drift, noise)
+    xa, da, na = _upcast(x, drift, noise)
     dt_b, g_b = per_sample(dt, x), per_sample(g, x)
     return (xa + da * dt_b + g_b * torch.sqrt(dt_b) * na).to(x.dtype)
 
@@ -71,9 +77,7 @@ def backward_noise_ref(
     x_prev: Tensor, x_next: Tensor, drift_next: Tensor, score_next: Tensor, dt: Tensor, g_next: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Backward noise ``delta`` of one transition and ``0.5*||delta||^2`` per sample."""
-    xp, xn, d, s = _up(x_prev, x_next, drift_next, score_next)
-    dt_b, g_b = per_sample(dt, x_prev), per_sample(g_next, x_prev)
-    delta = (xp - xn + (d - g_b * g_b * s) * dt_b) / (g_b * torch.sqrt(dt_b))
+    delta = _delta(*_upcast(x_prev, x_next, drift_next, score_next), per_sample(dt, x_prev), per_sample(g_next, x_prev))
     return delta.to(x_prev.dtype), _row_half_sqnorm(delta)
 
 
@@ -125,10 +129,10 @@ def adjoint_step_ref(
     * ``cot_x``: on ``x`` through everything except the networks (``adj_direct + adj_next + ddelta/dx``);
     * ``cot_drift``, ``cot_score``: on the networks' outputs at ``x``, to be pulled back through them.
     """
-    xp, xa, d, s, an, ad = _up(x_prev, x, drift, score, adj_next, adj_direct)
+    xp, xa, d, s, an, ad = _upcast(x_prev, x, drift, score, adj_next, adj_direct)
     dt_prev_b, dt_b, g_b = per_sample(dt_prev, x), per_sample(dt, x), per_sample(g, x)
     sqrt_dt = torch.sqrt(dt_prev_b)
-    delta = (xp - xa + (d - g_b * g_b * s) * dt_prev_b) / (g_b * sqrt_dt)
+    delta = _delta(xp, xa, d, s, dt_prev_b, g_b)
     gd = per_sample(weight, x).to(delta.dtype) * delta  # cotangent of delta from weight*0.5*||delta||^2
     adj_prev_direct = gd / (g_b * sqrt_dt)
     cot_x = ad + an - adj_prev_direct

@@ -6,8 +6,9 @@ Python (not ``wrap_triton``), for CUDA tensors and, when ``TRITON_INTERPRET=1`` 
 ``import triton``, for CPU tensors in the Triton interpreter (how they are tested without a GPU;
 the interpreter has no bfloat16).
 
-The formulas are those of ``csrc/include/diffflow_ext/math.h`` (derivatives documented there),
-which mirror :mod:`.reference`. Each kernel works on a ``(BLOCK_R, BLOCK_D)`` tile of the
+The formulas are written once, as the ``@triton.jit`` helpers ``_em_step``, ``_delta`` and their VJPs
+(the same helpers as ``csrc/include/diffflow_ext/math.h``, derivatives documented there), which mirror
+:mod:`.reference`; every kernel is built from them. Each kernel works on a ``(BLOCK_R, BLOCK_D)`` tile of the
 contiguous ``(B, D)`` view: ``program_id(0)`` picks ``BLOCK_R`` rows, ``program_id(1)`` one of
 ``C`` column chunks (``C > 1`` only when there are too few rows to fill the device). Values are
 computed in the accumulation dtype (that of ``dt``: float32, or float64 for float64 states);
@@ -83,6 +84,50 @@ if triton is not None:
     def _st_sum(ptr, C, rows, rmask, acc):
         tl.store(ptr + rows.to(tl.int64) * C + tl.program_id(1), tl.sum(acc, axis=1), mask=rmask)
 
+    # --- the formulas (those of csrc/include/diffflow_ext/math.h, one helper each) ---------------------
+
+    @triton.jit
+    def _em_coef(dt, g):
+        """Per-sample constants of the Euler-Maruyama step: ``(g sqrt(dt), g / (2 sqrt(dt)), sqrt(dt))``."""
+        sdt = tl.sqrt(dt)
+        return g * sdt, g / (2.0 * sdt), sdt
+
+    @triton.jit
+    def _em_step(x, f, n, dt, g_sdt):
+        return x + f * dt + g_sdt * n
+
+    @triton.jit
+    def _em_step_vjp_state(go, dt, g_sdt):
+        """Cotangents of (drift, noise); that of x is ``go`` itself."""
+        return go * dt, go * g_sdt
+
+    @triton.jit
+    def _em_step_vjp_coef(go, f, n, half_g_over_sdt, sdt):
+        """Per-element contributions to the cotangents of (dt, g)."""
+        return go * (f + n * half_g_over_sdt), go * n * sdt
+
+    @triton.jit
+    def _noise_coef(dt, g):
+        """Per-sample constants of the backward noise: ``(sqrt(dt), 1 / (g sqrt(dt)))``."""
+        sdt = tl.sqrt(dt)
+        return sdt, 1.0 / (g * sdt)
+
+    @triton.jit
+    def _delta(xp, xn, f, s, dt, g, inv):
+        return (xp - xn + (f - g * g * s) * dt) * inv
+
+    @triton.jit
+    def _delta_vjp_state(G, g, sdt, inv):
+        """Cotangents of (x_prev, x_next, drift, score) from the cotangent ``G`` of delta."""
+        return G * inv, -G * inv, G * (sdt / g), G * (-g * sdt)
+
+    @triton.jit
+    def _delta_vjp_coef(G, delta, f, s, dt, g, sdt):
+        """Per-element contributions to the cotangents of (dt, g)."""
+        return G * ((f / g - g * s) / sdt - delta / (2.0 * dt)), G * (-delta / g - 2.0 * sdt * s)
+
+    # --- the kernels ------------------------------------------------------------------------------------
+
     @triton.jit
     def _em_step_fwd(x_ptr, f_ptr, n_ptr, out_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -90,13 +135,13 @@ if triton is not None:
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
-        c = g * tl.sqrt(dt)
+        g_sdt, _, _ = _em_coef(dt, g)
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
             x = _ld(x_ptr, offs, m, ACC)
             f = _ld(f_ptr, offs, m, ACC)
             n = _ld(n_ptr, offs, m, ACC)
-            _st(out_ptr, offs, m, x + f * dt + c * n)
+            _st(out_ptr, offs, m, _em_step(x, f, n, dt, g_sdt))
 
     @triton.jit
     def _em_step_bwd(go_ptr, f_ptr, n_ptr, gf_ptr, gn_ptr, pdt_ptr, pg_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
@@ -105,22 +150,23 @@ if triton is not None:
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
-        sdt = tl.sqrt(dt)
-        c = g * sdt
+        g_sdt, half_g_over_sdt, sdt = _em_coef(dt, g)
         acc_dt = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         acc_g = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
             go = _ld(go_ptr, offs, m, ACC)
+            grad_drift, grad_noise = _em_step_vjp_state(go, dt, g_sdt)
             if OUT_MASK & 1:
-                _st(gf_ptr, offs, m, go * dt)
+                _st(gf_ptr, offs, m, grad_drift)
             if OUT_MASK & 2:
-                _st(gn_ptr, offs, m, go * c)
+                _st(gn_ptr, offs, m, grad_noise)
             if DTG:
                 f = _ld(f_ptr, offs, m, ACC)
                 n = _ld(n_ptr, offs, m, ACC)
-                acc_dt += go * (f + n * (g / (2.0 * sdt)))
-                acc_g += go * n * sdt
+                c_dt, c_g = _em_step_vjp_coef(go, f, n, half_g_over_sdt, sdt)
+                acc_dt += c_dt
+                acc_g += c_g
         if DTG:
             _st_sum(pdt_ptr, C, rows, rmask, acc_dt)
             _st_sum(pg_ptr, C, rows, rmask, acc_g)
@@ -132,7 +178,7 @@ if triton is not None:
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
-        inv = 1.0 / (g * tl.sqrt(dt))
+        _, inv = _noise_coef(dt, g)
         acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
@@ -140,7 +186,7 @@ if triton is not None:
             xn = _ld(xn_ptr, offs, m, ACC)
             f = _ld(f_ptr, offs, m, ACC)
             s = _ld(s_ptr, offs, m, ACC)
-            delta = (xp - xn + (f - g * g * s) * dt) * inv
+            delta = _delta(xp, xn, f, s, dt, g, inv)
             _st(delta_ptr, offs, m, delta)
             acc += 0.5 * delta * delta
         _st_sum(phs_ptr, C, rows, rmask, acc)
@@ -158,8 +204,7 @@ if triton is not None:
             gh = _row_param(gh_ptr, gh_s, rows, rmask)
         else:
             gh = tl.zeros([BLOCK_R, 1], ACC)
-        sdt = tl.sqrt(dt)
-        inv = 1.0 / (g * sdt)
+        sdt, inv = _noise_coef(dt, g)
         acc_dt = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         acc_g = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         for j in range(0, CHUNK, BLOCK_D):
@@ -168,19 +213,21 @@ if triton is not None:
             G = gh * delta
             if HAS_GD:
                 G += _ld(gd_ptr, offs, m, ACC)
+            grad_xp, grad_xn, grad_f, grad_s = _delta_vjp_state(G, g, sdt, inv)
             if OUT_MASK & 1:
-                _st(o0_ptr, offs, m, G * inv)
+                _st(o0_ptr, offs, m, grad_xp)
             if OUT_MASK & 2:
-                _st(o1_ptr, offs, m, G * (-inv))
+                _st(o1_ptr, offs, m, grad_xn)
             if OUT_MASK & 4:
-                _st(o2_ptr, offs, m, G * (sdt / g))
+                _st(o2_ptr, offs, m, grad_f)
             if OUT_MASK & 8:
-                _st(o3_ptr, offs, m, G * (-g * sdt))
+                _st(o3_ptr, offs, m, grad_s)
             if DTG:
                 f = _ld(f_ptr, offs, m, ACC)
                 s = _ld(s_ptr, offs, m, ACC)
-                acc_dt += G * ((f / g - g * s) / sdt - delta / (2.0 * dt))
-                acc_g += G * (-delta / g - 2.0 * sdt * s)
+                c_dt, c_g = _delta_vjp_coef(G, delta, f, s, dt, g, sdt)
+                acc_dt += c_dt
+                acc_g += c_g
         if DTG:
             _st_sum(pdt_ptr, C, rows, rmask, acc_dt)
             _st_sum(pg_ptr, C, rows, rmask, acc_g)
@@ -193,8 +240,8 @@ if triton is not None:
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
-        c = g * tl.sqrt(dt)
-        invp = 1.0 / (g * tl.sqrt(dtp))
+        g_sdt, _, _ = _em_coef(dt, g)
+        _, invp = _noise_coef(dtp, g)
         acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
@@ -203,8 +250,8 @@ if triton is not None:
             f = _ld(f_ptr, offs, m, ACC)
             s = _ld(s_ptr, offs, m, ACC)
             n = _ld(n_ptr, offs, m, ACC)
-            _st(xn_ptr, offs, m, x + f * dt + c * n)
-            delta = (xp - x + (f - g * g * s) * dtp) * invp
+            _st(xn_ptr, offs, m, _em_step(x, f, n, dt, g_sdt))
+            delta = _delta(xp, x, f, s, dtp, g, invp)
             acc += 0.5 * delta * delta
         _st_sum(phs_ptr, C, rows, rmask, acc)
 
@@ -222,10 +269,8 @@ if triton is not None:
             gh = _row_param(gh_ptr, gh_s, rows, rmask)
         else:
             gh = tl.zeros([BLOCK_R, 1], ACC)
-        sdt = tl.sqrt(dt)
-        sdtp = tl.sqrt(dtp)
-        c = g * sdt
-        invp = 1.0 / (g * sdtp)
+        g_sdt, half_g_over_sdt, sdt = _em_coef(dt, g)
+        sdtp, invp = _noise_coef(dtp, g)
         acc_dtp = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         acc_dt = tl.zeros([BLOCK_R, BLOCK_D], ACC)
         acc_g = tl.zeros([BLOCK_R, BLOCK_D], ACC)
@@ -240,27 +285,31 @@ if triton is not None:
                 xp = _ld(xp_ptr, offs, m, ACC)
                 x = _ld(x_ptr, offs, m, ACC)
                 s = _ld(s_ptr, offs, m, ACC)
-                delta = (xp - x + (f - g * g * s) * dtp) * invp
+                delta = _delta(xp, x, f, s, dtp, g, invp)
                 G = gh * delta
             else:
                 s = tl.zeros([BLOCK_R, BLOCK_D], ACC)
                 delta = tl.zeros([BLOCK_R, BLOCK_D], ACC)
                 G = tl.zeros([BLOCK_R, BLOCK_D], ACC)
+            grad_xp, grad_x, grad_f, grad_s = _delta_vjp_state(G, g, sdtp, invp)
+            em_grad_f, grad_n = _em_step_vjp_state(go, dt, g_sdt)
             if OUT_MASK & 1:
-                _st(o0_ptr, offs, m, G * invp)
+                _st(o0_ptr, offs, m, grad_xp)
             if OUT_MASK & 2:
-                _st(o1_ptr, offs, m, go - G * invp)
+                _st(o1_ptr, offs, m, go + grad_x)
             if OUT_MASK & 4:
-                _st(o2_ptr, offs, m, go * dt + G * (sdtp / g))
+                _st(o2_ptr, offs, m, em_grad_f + grad_f)
             if OUT_MASK & 8:
-                _st(o3_ptr, offs, m, G * (-g * sdtp))
+                _st(o3_ptr, offs, m, grad_s)
             if OUT_MASK & 16:
-                _st(o4_ptr, offs, m, go * c)
+                _st(o4_ptr, offs, m, grad_n)
             if DTG:
                 n = _ld(n_ptr, offs, m, ACC)
-                acc_dtp += G * ((f / g - g * s) / sdtp - delta / (2.0 * dtp))
-                acc_dt += go * (f + n * (g / (2.0 * sdt)))
-                acc_g += go * n * sdt + G * (-delta / g - 2.0 * sdtp * s)
+                c_dtp, c_gp = _delta_vjp_coef(G, delta, f, s, dtp, g, sdtp)
+                c_dt, c_g = _em_step_vjp_coef(go, f, n, half_g_over_sdt, sdt)
+                acc_dtp += c_dtp
+                acc_dt += c_dt
+                acc_g += c_g + c_gp
         if DTG:
             _st_sum(pdtp_ptr, C, rows, rmask, acc_dtp)
             _st_sum(pdt_ptr, C, rows, rmask, acc_dt)
@@ -276,23 +325,23 @@ if triton is not None:
         dt = _row_param(dt_ptr, dt_s, rows, rmask)
         g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
-        sdtp = tl.sqrt(dtp)
-        invp = 1.0 / (g * sdtp)
+        g_sdt, _, _ = _em_coef(dt, g)
+        sdtp, invp = _noise_coef(dtp, g)
         for j in range(0, CHUNK, BLOCK_D):
             offs, m = _tile(B, D, CHUNK, j, BLOCK_R, BLOCK_D)
             xp = _ld(xp_ptr, offs, m, ACC)
             x = _ld(x_ptr, offs, m, ACC)
             f = _ld(f_ptr, offs, m, ACC)
             s = _ld(s_ptr, offs, m, ACC)
-            an = _ld(an_ptr, offs, m, ACC)
-            ad = _ld(ad_ptr, offs, m, ACC)
-            delta = (xp - x + (f - g * g * s) * dtp) * invp
-            gd = w * delta
-            apd = gd * invp
-            _st(o0_ptr, offs, m, apd)
-            _st(o1_ptr, offs, m, ad + an - apd)
-            _st(o2_ptr, offs, m, an * dt + gd * (sdtp / g))
-            _st(o3_ptr, offs, m, gd * (-g * sdtp))
+            adj_next = _ld(an_ptr, offs, m, ACC)
+            adj_direct = _ld(ad_ptr, offs, m, ACC)
+            G = w * _delta(xp, x, f, s, dtp, g, invp)
+            adj_prev, grad_x, grad_f, grad_s = _delta_vjp_state(G, g, sdtp, invp)
+            em_grad_f, _ = _em_step_vjp_state(adj_next, dt, g_sdt)
+            _st(o0_ptr, offs, m, adj_prev)
+            _st(o1_ptr, offs, m, adj_direct + adj_next + grad_x)
+            _st(o2_ptr, offs, m, em_grad_f + grad_f)
+            _st(o3_ptr, offs, m, grad_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +436,7 @@ def _setup(x_name: str, x: Tensor, like: dict, rows: dict):
     return B, D
 
 
-def _rp(t: Tensor | None, fallback: Tensor):
+def _row_param_or_dummy(t: Tensor | None, fallback: Tensor):
     """Row-parameter pointer and stride (a dummy pointer when absent)."""
     return (t, t.stride(0)) if t is not None else (fallback, 0)
 
@@ -442,7 +491,8 @@ def em_step_backward(grad_out, drift, noise, dt, g, dt_g_grad, output_mask):
 
 
 def backward_noise(x_prev, x_next, drift_next, score_next, dt, g):
-    B, D = _setup("x_prev", x_prev, {"x_next": x_next, "drift_next": drift_next, "score_next": score_next}, {"dt": dt, "g": g})
+    B, D = _setup("x_prev", x_prev, {"x_next": x_next, "drift_next": drift_next, "score_next": score_next},
+                  {"dt": dt, "g": g})
     L = _Launch(B, D, x_prev.device)
     delta = x_prev.new_empty(x_prev.shape)
     (phs,) = L.sums(x_prev, 1)
@@ -469,7 +519,7 @@ def backward_noise_backward(grad_delta, grad_half_sqnorm, delta, drift_next, sco
     gd = _flat(grad_delta, B, D) if grad_delta is not None else dc
     f = _flat(drift_next, B, D) if dt_g_grad else dc
     s = _flat(score_next, B, D) if dt_g_grad else dc
-    gh, gh_s = _rp(grad_half_sqnorm, dt)
+    gh, gh_s = _row_param_or_dummy(grad_half_sqnorm, dt)
     outs, ptrs = _grad_outs(delta, output_mask)
     pdt, pg = L.sums(delta, 2, dt_g_grad)
     with _guard(delta):
@@ -511,7 +561,7 @@ def flow_step_backward(grad_x_next, grad_half_sqnorm, x_prev, x, drift, score, n
     xc = _flat(x, B, D)
     go = _flat(grad_x_next, B, D) if has_go else xc
     n = _flat(noise, B, D) if dt_g_grad else xc
-    gh, gh_s = _rp(grad_half_sqnorm, dt)
+    gh, gh_s = _row_param_or_dummy(grad_half_sqnorm, dt)
     outs, ptrs = _grad_outs(x, output_mask)
     pdtp, pdt, pg = L.sums(x, 3, dt_g_grad)
     with _guard(x):
@@ -539,15 +589,7 @@ def adjoint_step(x_prev, x, drift, score, weight, adj_next, adj_direct, dt_prev,
     return tuple(outs)
 
 
-IMPLS = {
-    "em_step": em_step,
-    "em_step_backward": em_step_backward,
-    "backward_noise": backward_noise,
-    "backward_noise_backward": backward_noise_backward,
-    "flow_step": flow_step,
-    "flow_step_backward": flow_step_backward,
-    "adjoint_step": adjoint_step,
-}
+IMPLS = {name: globals()[name] for name in _library.SCHEMAS}  # one impl per schema, named after it
 
 
 def _register() -> None:

@@ -21,6 +21,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include "diffflow_ext/math.h"
+#include "diffflow_ext/ops.h"
 
 namespace diffflow_ext {
 
@@ -323,16 +325,14 @@ struct Ops {
   }
 };
 
-// Registers the impls of every op for one dispatch key (used inside TORCH_LIBRARY_IMPL).
+// Registers the impls of every op for one dispatch key (each checked against its signature in ops.h).
 template <typename L>
 void register_impls(torch::Library& m) {
-  m.impl("em_step", &Ops<L>::em_step);
-  m.impl("em_step_backward", &Ops<L>::em_step_backward);
-  m.impl("backward_noise", &Ops<L>::backward_noise);
-  m.impl("backward_noise_backward", &Ops<L>::backward_noise_backward);
-  m.impl("flow_step", &Ops<L>::flow_step);
-  m.impl("flow_step_backward", &Ops<L>::flow_step_backward);
-  m.impl("adjoint_step", &Ops<L>::adjoint_step);
+#define DIFFFLOW_IMPL(NAME, ...)                                                                            \
+  static_assert(std::is_same_v<decltype(Ops<L>::NAME), sig::NAME>, #NAME ": signature differs from ops.h"); \
+  m.impl(#NAME, &Ops<L>::NAME);
+  DIFFFLOW_OPS(DIFFFLOW_IMPL)
+#undef DIFFFLOW_IMPL
 }
 
 }  // namespace diffflow_ext
