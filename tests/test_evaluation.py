@@ -246,3 +246,22 @@ def test_a_failing_metric_is_reported_unavailable():
     _metric(out, "swd", lambda: float("nan"))
     assert out["ok"] == 1.5 and out["w2_emd"] is None and out["swd"] is None
     assert "Singular" in out["unavailable"]["w2_emd"] and "non-finite" in out["unavailable"]["swd"]
+
+
+def test_eval_of_an_image_run_recomputes_metrics_json(tmp_path, capsys):
+    import json
+
+    from diffflow_ext.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "digits", "--iters", "2", "--out", str(out), "--no-progress", "-b", "16",
+               "--final-samples", "24", "--final-ode", "0", "--eval-every", "0"])
+    assert rc == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    saved.pop("training")
+    assert saved["levels"] == 17 and saved["data_kind"] == "image" and saved["nelbo_n"] == 360
+    capsys.readouterr()
+    assert main(["eval", str(out), "--n-samples", "24", "--n-ode", "0"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for k in ("nelbo_bits_per_dim", "nelbo_bits_per_dim_se", "bpd_offset", "levels", "fraction_finite"):
+        assert again[k] == saved[k], k
