@@ -461,6 +461,44 @@ def build_cli_cases() -> None:
                 check=samples_finite("s.npy"))
     cli_case("sample-missing-ckpt", ["sample", "nope", "-n", "10"], words=("nope",))
 
+    # -- options that must not be ignored (silent wrong results)
+    def stdout_field(key, want):
+        def check(tmp, out):
+            try:
+                got = json.loads(out[out.index("{"):]).get(key)
+            except (ValueError, AttributeError):
+                return f"no JSON summary on stdout: {out[-200:]!r}"
+            return None if got == want else f"{key} reported as {got!r}, asked for {want!r}"
+        return check
+
+    sample_case("-N5-used", ["-n", "10", "-N", "5", "--png", "none", "--out", "s.npy"], (), expect="ok",
+                check=stdout_field("num_steps", 5))
+
+    def rerun_compare(extra, *, same):
+        def check(tmp, _):
+            a = np.load(tmp / "s.npy")
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                rc = cli.main(["sample", str(tmp / "run"), "-n", "10", "--png", "none", "--out", str(tmp / "s2.npy"),
+                               *extra])
+            if rc != 0:
+                return f"second sample failed rc={rc}"
+            b = np.load(tmp / "s2.npy")
+            if same and not np.array_equal(a, b):
+                return "same options, different samples (not deterministic)"
+            if not same and np.array_equal(a, b):
+                return f"{extra} had no effect on the samples"
+            return None
+        return check
+
+    sample_case("-seed-determinism", ["-n", "10", "--seed", "1", "--png", "none", "--out", "s.npy"], (), expect="ok",
+                check=rerun_compare(["--seed", "1"], same=True))
+    sample_case("-seed-used", ["-n", "10", "--seed", "1", "--png", "none", "--out", "s.npy"], (), expect="ok",
+                check=rerun_compare(["--seed", "2"], same=False))
+    sample_case("-no-ema-used", ["-n", "10", "--png", "none", "--out", "s.npy"], (), expect="ok",
+                check=rerun_compare(["--no-ema"], same=False))
+    sample_case("-lam-used", ["-n", "10", "--lam", "0", "--png", "none", "--out", "s.npy"], (), expect="ok",
+                check=rerun_compare(["--lam", "1"], same=False))
+
     # -- eval
     def eval_case(id, extra, words, setup=run_setup, expect="error", check=None):
         cli_case(f"eval{id}", ["eval", "run", "--n-samples", "50", "--n-heldout", "50", "--n-nll", "20", "--n-ode", "0",
@@ -1132,7 +1170,7 @@ def classify(case: Case, tmp: Path, before: dict, rc, out: str, err: str, hung: 
         if case.expect == "ok":
             if rc != 0:
                 return "silent", f"good input failed rc={rc}: {(lines[-1] if lines else '')[:200]}"
-            prob = case.check(tmp, None) if case.check else None
+            prob = case.check(tmp, out) if case.check else None
             return ("silent", prob) if prob else ("clean", "ok")
         if rc == 0:
             return "silent", "bad input accepted (exit 0)"
