@@ -128,14 +128,16 @@ class RunFolder:
 
     # TensorBoard -------------------------------------------------------------
     def enable_tensorboard(self) -> bool:
-        """Start a TensorBoard writer next to ``log.jsonl`` if ``tensorboard`` is importable."""
+        """Start a TensorBoard writer in ``tensorboard/`` next to ``log.jsonl`` (the caller checked that the
+        ``tensorboard`` package is installed)."""
         if not self.is_main:
             return False
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except Exception:
-            return False
-        self._tb = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+
+            self._tb = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+        except Exception as e:  # noqa: BLE001 -- any failure of the optional package: one line naming the flag
+            raise ValueError(f"--tensorboard: cannot start the TensorBoard writer ({type(e).__name__}: {e})") from None
         self.created.append(self.path / "tensorboard")
         return True
 
