@@ -64,6 +64,16 @@ def _autocast_dtype(value: object) -> torch.dtype | None:
     raise ValueError(f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {value!r}")
 
 
+def _check_generator(generator: object, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator: it lives on {generator.device} but the data is on {device}; pass "
+                         f"torch.Generator(device={str(device)!r})")
+
+
 def _check_network(name: str, net: object) -> None:
     if not callable(net):
         raise TypeError(f"{name}: expected a module called as net(x, t), got {type(net).__name__}")
@@ -157,6 +167,8 @@ class DiffFlow(nn.Module):
         """DiffFlow on ``dim``-dimensional vectors with the paper's time-conditioned MLPs."""
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+        if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 2 or time_dim % 2:
+            raise ValueError(f"time_dim: expected an even integer >= 2, got {time_dim!r}")
         return cls.from_networks("mlp", (dim,), {"hidden": hidden, "depth": depth, "time_dim": time_dim}, **kwargs)
 
     @classmethod
@@ -274,12 +286,7 @@ class DiffFlow(nn.Module):
         return call_network(self.drift, x, t, ac), call_network(self.score, x, t, ac)
 
     def _walk(self, x: Tensor, t64: Tensor, generator: torch.Generator | None) -> Walk:
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-            if generator.device.type != x.device.type:
-                raise ValueError(f"generator: it lives on {generator.device} but the data is on {x.device}; pass "
-                                 f"torch.Generator(device={str(x.device)!r})")
+        _check_generator(generator, x.device)
         t, dt, g = self.step_coefficients(t64, x.dtype)
 
         def noise(like: Tensor) -> Tensor:
@@ -287,7 +294,7 @@ class DiffFlow(nn.Module):
 
         return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend, self.autocast_for(x.device))
 
-    def _check_data(self, name: str, x: Tensor) -> Tensor:
+    def _check_data(self, name: str, x: Tensor, check_dtype: bool = True) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape (B, {self.data_shape}), got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.data_shape or x.dim() != len(self.data_shape) + 1 or x.shape[0] < 1:
@@ -296,6 +303,10 @@ class DiffFlow(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"{name}: expected a floating tensor, got {x.dtype}")
+        ref = self._param_like()
+        if check_dtype and ref.numel() and ref.is_floating_point() and x.dtype != ref.dtype:
+            raise ValueError(f"{name}: expected dtype {ref.dtype} (the model's), got {x.dtype}; convert the data or "
+                             f"the model (model.to({x.dtype}))")
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
             raise ValueError(f"{name}: {bad} of {x.shape[0]} samples hold NaN or inf values; clean the data first")
@@ -373,35 +384,51 @@ class DiffFlow(nn.Module):
         return torch.stack(forward_walk(self._walk(x0, t, generator), x0, keep_states=True).states)
 
     def sample(
-        self, n: int, *, lam: float = 1.0, num_steps: int | None = None, generator: torch.Generator | None = None,
-        denoise: bool = True, return_trajectory: bool = False, method: str = "em", x_init: Tensor | None = None,
-        device=None, dtype=None,
+        self, n: int, *, lam: float | None = None, num_steps: int | None = None,
+        generator: torch.Generator | None = None, denoise: bool = True, return_trajectory: bool = False,
+        method: str = "em", sampler_options: dict | None = None, x_init: Tensor | None = None, device=None, dtype=None,
     ):
-        """Draw ``n`` samples with the marginal-equivalent backward SDE
-        ``dx = [f - (1+lam^2)/2 g^2 s] dt + lam g dw`` (lam=0: the probability-flow ODE).
+        """Draw ``n`` samples from the prior at ``t_end`` back to ``t_start`` with a sampler of
+        :data:`diffflow_ext.samplers.SAMPLERS`: ``get_sampler(method, **sampler_options)``, plus ``lam`` when given.
 
-        ``method`` picks a sampler from :data:`diffflow_ext.samplers.SAMPLERS` (``"em"``: Euler-Maruyama on the
-        grid; ``"ode"``: adaptive probability-flow ODE solve). ``denoise``: no noise in the last step.
-        Returns ``(n, *data_shape)`` or, with ``return_trajectory``, ``(samples, traj)`` with
-        ``traj[i]`` the state at ``t_i``, shape ``(N+1, n, *data_shape)``.
+        ``"em"`` (default): Euler-Maruyama on the grid of the marginal-equivalent backward SDE
+        ``dx = [f - (1+lam^2)/2 g^2 s] dt + lam g dw`` (lam=0: the probability-flow ODE; default lam=1, the
+        DiffFlow backward SDE); ``"heun"``, ``"ode"``: the probability-flow ODE (they take no ``lam``).
+        ``denoise``: no noise in the last step. ``x_init``: the starting states at ``t_end`` (``n`` of them) instead
+        of prior draws. Returns ``(n, *data_shape)`` or, with ``return_trajectory``, ``(samples, traj)`` with
+        ``traj[i]`` the state at ``t_i``, shape ``(N+1, n, *data_shape)``. Runs on the model's device and dtype
+        unless ``device``/``dtype`` say otherwise.
         """
         from .samplers import get_sampler
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive integer number of samples, got {n!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
-            raise ValueError(f"lam: expected a finite number >= 0 (0: the probability-flow ODE), got {lam!r}")
+        options = dict(sampler_options or {}) if isinstance(sampler_options, (dict, type(None))) else None
+        if options is None:
+            raise ValueError(f"sampler_options: expected a dict of sampler options, got {sampler_options!r}")
+        if lam is not None:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+                raise ValueError(f"lam: expected a finite number >= 0 (0: the probability-flow ODE), got {lam!r}")
+            options["lam"] = float(lam)
+        if num_steps is not None:
+            check_num_steps(num_steps)
+        sampler = get_sampler(method, **options)
         ref = self._param_like()
-        device = device if device is not None else (ref.device if ref.numel() else "cpu")
+        device = torch.device(device) if device is not None else (ref.device if ref.numel() else torch.device("cpu"))
         dtype = dtype if dtype is not None else (ref.dtype if ref.numel() else torch.float32)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         if x_init is None:
+            _check_generator(generator, device)
             x_init = self.prior_std * torch.randn(
                 (n, *self.data_shape), generator=generator, device=device, dtype=dtype)
         else:
-            self._check_data("x_init", x_init)
-        sampler = get_sampler(method)
+            self._check_data("x_init", x_init, check_dtype=False)
+            if x_init.shape[0] != n:
+                raise ValueError(f"x_init: expected {n} starting states (n), got {x_init.shape[0]}")
+            _check_generator(generator, x_init.device)
         with torch.no_grad():
-            traj = sampler(self, x_init, lam=float(lam), num_steps=num_steps, generator=generator, denoise=denoise,
+            traj = sampler(self, x_init, num_steps=num_steps, generator=generator, denoise=denoise,
                            keep_trajectory=return_trajectory)
         samples = traj[0] if return_trajectory else traj
         return (samples, traj) if return_trajectory else samples

@@ -96,7 +96,7 @@ class Diffusion:
                 raise ValueError(f"diffusion: expected a positive value of g, got {spec}")
             self.kind = "constant"
         else:
-            values = torch.as_tensor(spec, dtype=torch.float64).flatten()
+            values = torch.as_tensor(spec, dtype=torch.float64, device="cpu").flatten()  # meta-device safe
             if values.numel() < 2 or not bool((values > 0).all()):
                 raise ValueError(
                     "diffusion: expected a positive float, a sequence of N+1 positive values (one per grid "
