@@ -248,9 +248,17 @@ def test_sample_with_another_sampler(run_dir, tmp_path, capsys):
     assert main(["sample", str(run_dir), "-n", "20", "--method", "heun", "--out", str(tmp_path / "h.npy"),
                  "--png", "none"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["method"] == "heun" and info["lam"] == 0.0
+    assert info["method"] == "heun" and info["lam"] is None
     x = np.load(tmp_path / "h.npy")
     assert x.shape == (20, 2) and np.isfinite(x).all()
+    # sampler options reach the sampler: a loose and a tight ODE tolerance give different samples
+    outs = []
+    for tol in ("1e-2", "1e-8"):
+        out = tmp_path / f"ode{tol}.npy"
+        assert main(["sample", str(run_dir), "-n", "20", "--method", "ode", "--sampler-option", f"rtol={tol}",
+                     "--sampler-option", f"atol={tol}", "--out", str(out), "--png", "none"]) == 0
+        outs.append(np.load(out))
+    assert np.abs(outs[0] - outs[1]).max() > 1e-6
 
 
 @pytest.mark.parametrize("args,flag", [(["--draws", "5"], "--draws"), (["--fid", "on"], "--fid"),
