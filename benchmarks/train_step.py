@@ -162,8 +162,10 @@ def original_iteration(model: DiffFlow, x0, device):
     return it
 
 
-def floor_iteration(model: DiffFlow, x0, device):
-    """The network work of one adjoint iteration alone (see the module docstring)."""
+def floor_iteration(model: DiffFlow, x0, device, recompute: bool = True):
+    """The network work of one iteration alone (see the module docstring): with ``recompute``, the adjoint's (no-grad
+    forwards, then each state re-evaluated with grad and pulled back); without, each network evaluated once with
+    grad at every state and pulled back once."""
     N, B = model.num_steps, x0.shape[0]
     gen = torch.Generator(device=device).manual_seed(3)
     xs = [x0] + [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N)]
@@ -172,49 +174,21 @@ def floor_iteration(model: DiffFlow, x0, device):
     t = model.time_grid(B, device=device).to(x0.dtype)
     params = params_of(model)
 
-    def it():
-        for p in model.parameters():
-            p.grad = None
-        with torch.no_grad():  # the forward walk's evaluations
-            for i in range(N + 1):
-                model.drift(xs[i], t[:, i])
-                if i > 0:
-                    model.score(xs[i], t[:, i])
-        grads = [None] * len(params)
-        for i in range(N, -1, -1):  # the backward walk's re-evaluations with grad + one VJP each
-            x = xs[i].detach().requires_grad_(True)
-            outs = [model.drift(x, t[:, i])] + ([model.score(x, t[:, i])] if i > 0 else [])
-            cots = [cf[i]] + ([cs[i]] if i > 0 else [])
-            got = torch.autograd.grad(outs, (x, *params), cots, allow_unused=True)
-            for k, gk in enumerate(got[1:]):
-                if gk is not None:
-                    grads[k] = gk if grads[k] is None else grads[k] + gk
-        return grads
-    return it
-
-
-def floor_no_recompute_iteration(model: DiffFlow, x0, device):
-    """Each network evaluated once with grad per state, then one VJP per state (see the module docstring)."""
-    N, B = model.num_steps, x0.shape[0]
-    gen = torch.Generator(device=device).manual_seed(3)
-    xs = [x0] + [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N)]
-    cf = [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N + 1)]
-    cs = [torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype) for _ in range(N + 1)]
-    t = model.time_grid(B, device=device).to(x0.dtype)
-    params = params_of(model)
+    def nets(i):
+        x = xs[i].detach().requires_grad_(torch.is_grad_enabled())
+        return x, [model.drift(x, t[:, i])] + ([model.score(x, t[:, i])] if i > 0 else [])
 
     def it():
         for p in model.parameters():
             p.grad = None
-        graphs = []
-        for i in range(N + 1):  # the forward walk's evaluations, graphs kept
-            x = xs[i].detach().requires_grad_(True)
-            graphs.append((x, [model.drift(x, t[:, i])] + ([model.score(x, t[:, i])] if i > 0 else [])))
+        with torch.set_grad_enabled(not recompute):  # the forward walk's evaluations
+            graphs = [nets(i) for i in range(N + 1)]
         grads = [None] * len(params)
-        for i in range(N, -1, -1):  # one VJP per state onto (x_i, parameters)
+        for i in range(N, -1, -1):  # the backward walk: one VJP per state onto (x_i, parameters)
             x, outs = graphs.pop()
-            cots = [cf[i]] + ([cs[i]] if i > 0 else [])
-            got = torch.autograd.grad(outs, (x, *params), cots, allow_unused=True)
+            if recompute:
+                x, outs = nets(i)
+            got = torch.autograd.grad(outs, (x, *params), [cf[i]] + ([cs[i]] if i > 0 else []), allow_unused=True)
             for k, gk in enumerate(got[1:]):
                 if gk is not None:
                     if grads[k] is None:
@@ -317,7 +291,7 @@ def main(argv=None) -> int:
         if auto != "torch":
             variants.append((f"autograd+{auto}", model_iteration(model, x0, device, "autograd", "auto")))
         variants += [("original", original_iteration(model, x0, device)), ("floor", floor_iteration(model, x0, device)),
-                     ("floor-no-recompute", floor_no_recompute_iteration(model, x0, device))]
+                     ("floor-no-recompute", floor_iteration(model, x0, device, recompute=False))]
         variants = dict(variants)
         variants["auto@budget"]()
         plan = dict(model.last_gradient_plan)
