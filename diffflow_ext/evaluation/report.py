@@ -176,31 +176,19 @@ def evaluate_checkpoint(
     data: str | None = None,
     data_dir: str | os.PathLike | None = None,
     split: str = "test",
-    n_samples: int = 5000,
-    n_heldout: int = 5000,
-    n_nll: int | None = 2000,
-    n_ode: int | None = 500,
-    lam: float = 1.0,
     seed: int | None = None,
     use_ema: bool = True,
-    ode: bool = True,
-    draws: int | None = None,
     device=None,
-    batch_size: int = 500,
-    fid: bool | None = None,
-    fid_weights: str | os.PathLike | None = None,
-    fid_extractor=None,
-    method: str = "em",
-    sampler_options: dict | None = None,
-    samples: torch.Tensor | None = None,
     return_samples: bool = False,
+    **options: Any,
 ):
     """Evaluate a training checkpoint: load it, rebuild its data source (``data_dir`` if the data moved),
     compute :func:`evaluate_model`.
 
     ``data`` evaluates on other data of the same shape instead (a name or a file; a point file is used
     whole), in the training run's model space. Deterministic for a given ``seed`` (default: the run's
-    evaluation seed).
+    evaluation seed). ``options``: the keyword arguments of :func:`evaluate_model` (``n_samples``, ``n_nll``,
+    ``draws``, ``fid_weights``, ``samples``...).
     """
     from ..checkpoint import CheckpointError, load_checkpoint
     from ..data import data_source_from_state, get_data_source
@@ -231,12 +219,7 @@ def evaluate_checkpoint(
             raise ValueError(f"--data {data}: no {split!r} split (has {', '.join(other.splits)})")
         other.transform = src.transform  # the model's space is the training run's
         target = other
-    res = evaluate_model(
-        model, target, split=split, n_heldout=n_heldout, n_samples=n_samples, n_nll=n_nll, n_ode=n_ode, lam=lam,
-        seed=seed, ode=ode, draws=draws, batch_size=batch_size, fid=fid, fid_weights=fid_weights,
-        fid_extractor=fid_extractor, method=method, sampler_options=sampler_options, samples=samples,
-        return_samples=return_samples,
-    )
+    res = evaluate_model(model, target, split=split, seed=seed, return_samples=return_samples, **options)
     if return_samples:
         res, samples = res
     res.update({"step": ck.step, "weights": "ema" if (use_ema and ck.has_ema) else "raw", "data": data or src.name})
