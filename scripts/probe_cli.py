@@ -813,6 +813,10 @@ def build_cli_cases() -> None:
         write_crafted(p, edit)
 
     ck_case("crafted-data-source-secret-file", secret_source, words=("secret.csv", "data", "changed", "sha"), api=False)
+    # sampling needs only the stored transform, not the data source: exit 0 is right there (a leak is still caught)
+    for c in CASES:
+        if c.id in ("ckpt-crafted-data-source-secret-file-sample", "ckpt-crafted-data-name-etc-passwd-sample"):
+            c.expect = "ok"
 
     def shape_lie(p):
         def edit(h):
