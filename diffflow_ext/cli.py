@@ -38,6 +38,7 @@ from .training.config import (
     GROUPS,
     MAX_NUM_STEPS,
     PRESETS,
+    SOURCE_PRESETS,
     ConfigError,
     Range,
     TrainConfig,
@@ -261,8 +262,8 @@ def _default_text(f: dataclasses.Field, defaults: Any) -> str:
     v = getattr(defaults, f.name)
     text = f"default: {'none' if v is None else v}"
     if defaults.__class__ is TrainConfig:
-        per_kind = [f"{k}: {'none' if p[f.name] is None else p[f.name]}" for k, p in PRESETS.items()
-                    if f.name in p and p[f.name] != v]
+        per_kind = [f"{k}: {'none' if p[f.name] is None else p[f.name]}"
+                    for k, p in [*PRESETS.items(), *SOURCE_PRESETS.items()] if f.name in p and p[f.name] != v]
         if per_kind:
             text += "; " + ", ".join(per_kind)
     return text
@@ -478,7 +479,7 @@ def _train_plan(args) -> tuple[TrainConfig, Any, Any]:
         first = resolve_config("points", {**explicit, "data": data})  # every option checked before data is read
         _check_backend(first, name)
         source = build_data(first)
-        cfg = resolve_config(source.kind, {**explicit, "data": data})  # the defaults of this kind of data
+        cfg = resolve_config(source.kind, {**explicit, "data": data}, data)  # the defaults of this data
     except ConfigError as e:
         raise _config_error(e, args) from None
     if any(getattr(cfg, k) != getattr(first, k) for k in ("data_dir", "data_options", "seed", "holdout")):

@@ -31,8 +31,8 @@ from ..ops.backends import BACKENDS
 from ..schedules import GRIDS
 
 __all__ = [
-    "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "DATA_KINDS", "resolve_config", "resume_config",
-    "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS", "DEVICE_PATTERN",
+    "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "SOURCE_PRESETS", "DATA_KINDS", "resolve_config",
+    "resume_config",    "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS", "DEVICE_PATTERN",
     "MAX_NUM_STEPS", "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
     "path_problem",
 ]
@@ -425,19 +425,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Defaults of one registered data source over those of its kind (e.g. the network for MNIST); same rules.
+#: U owns the image entries.
+SOURCE_PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "mnist": {},
+    "cifar10": {},
+}
+
+
 def _check_presets() -> None:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for kind, preset in PRESETS.items():
         unknown = set(preset) - names
         if kind not in DATA_KINDS or unknown:
             raise RuntimeError(f"PRESETS[{kind!r}]: unknown kind or fields {sorted(unknown)}")
+    for source, preset in SOURCE_PRESETS.items():
+        unknown = set(preset) - names
+        if unknown:
+            raise RuntimeError(f"SOURCE_PRESETS[{source!r}]: unknown fields {sorted(unknown)}")
 
 
 _check_presets()
 
 
-def resolve_config(kind: str, explicit: Mapping[str, Any]) -> TrainConfig:
-    """The configuration of a new run: dataclass defaults < ``PRESETS[kind]`` < ``explicit`` (what the user set).
+def resolve_config(kind: str, explicit: Mapping[str, Any], source: str | None = None) -> TrainConfig:
+    """The configuration of a new run: dataclass defaults < ``PRESETS[kind]`` < ``SOURCE_PRESETS[source]`` (a
+    registered data source's name) < ``explicit`` (what the user set).
 
     Setting ``num_steps`` without ``progressive`` means a fixed N; setting both (progressive not none)
     contradicts itself and is an error.
@@ -447,7 +461,7 @@ def resolve_config(kind: str, explicit: Mapping[str, Any]) -> TrainConfig:
     conflicts = explicit_conflicts(explicit)
     if conflicts:
         raise ConfigError(conflicts, "conflicting options")
-    values = {**PRESETS[kind], **explicit}
+    values = {**PRESETS[kind], **SOURCE_PRESETS.get(str(source).lower(), {}), **explicit}
     if "num_steps" in explicit and "progressive" not in explicit:
         values["progressive"] = None
     return TrainConfig(**values)
