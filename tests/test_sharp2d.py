@@ -99,3 +99,14 @@ def test_most_sets_are_not_separable_in_the_coordinates():
         prod = np.stack([x[:, 0], np.random.default_rng(1).permutation(x[:, 1])], 1)
         outside.append(1 - ds.contains(prod).mean())
     assert np.median(outside) > 0.3
+
+
+@pytest.mark.parametrize("name", ["checkerboard", "four_rings", "sierpinski_carpet"])
+def test_builtin_entropies_are_the_log_of_the_support_area(name):
+    """These built-ins are uniform on their support, so entropy = log(area); area by Monte Carlo in [-1.1, 1.1]^2."""
+    ds = toy2d.get(name)
+    u = np.random.default_rng(6).uniform(-1.1, 1.1, size=(400_000, 2))
+    p = math.exp(ds.entropy) / 4.84
+    hit = (ds.distance(u) == 0).mean()
+    assert abs(hit - p) < 5 * math.sqrt(p * (1 - p) / len(u))
+    assert toy2d.get("olympic_rings").entropy is None  # overlapping rings: no closed form

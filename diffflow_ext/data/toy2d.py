@@ -104,6 +104,8 @@ class Toy2D:
     sharp: bool = False
     tol: float = 0.0
     description: str = ""
+    #: exact differential entropy in nats where it has a closed form (uniform on a set of known area), else None
+    entropy: float | None = None
 
     def _sample(self, n: int, rng: np.random.Generator) -> np.ndarray:  # (n, 2) float64
         raise NotImplementedError
@@ -261,6 +263,7 @@ class Checkerboard(Toy2D):
     sharp = True
     tol = 0.0
     description = "4x4 checkerboard on [-1,1]^2, 8 filled cells of side 0.5"
+    entropy = math.log(2.0)  # uniform on 8 cells of area 1/4
 
     def __init__(self):
         cells = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0]
@@ -291,6 +294,8 @@ class FourRings(_Annuli):
 
     def __init__(self):
         super().__init__(np.zeros((4, 2)), [0.25, 0.5, 0.75, 1.0], 0.03)
+        # disjoint annuli, uniform on their union: area sum 4 pi r w
+        self.entropy = math.log(float((4 * math.pi * self.radii * self.half_width).sum()))
 
 
 class TwoSpirals(Toy2D):
@@ -357,6 +362,7 @@ class SierpinskiCarpet(Toy2D):
     tol = 0.0
     description = "level-4 Sierpinski carpet on [-1,1]^2"
     level = 4
+    entropy = math.log(4 * (8 / 9) ** 4)  # uniform on the carpet
 
     _digits = np.array([(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)])
 
