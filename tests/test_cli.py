@@ -172,3 +172,15 @@ def test_top_level_help(capsys):
     out = capsys.readouterr().out
     assert "train" in out and "sample" in out and "eval" in out
     assert main([]) == 2
+
+
+def test_presets_layering(monkeypatch):
+    """dataclass defaults < PRESETS[kind] < SOURCE_PRESETS[name] < what the user typed."""
+    from diffflow_ext.training import config
+
+    monkeypatch.setitem(config.PRESETS, "image", {"batch_size": 100, "lr": 1e-3})
+    monkeypatch.setitem(config.SOURCE_PRESETS, "digits", {"batch_size": 50})
+    cfg = config.resolve_config("image", {"lr": 2e-3}, "digits")
+    assert (cfg.batch_size, cfg.lr, cfg.ema) == (50, 2e-3, config.TrainConfig().ema)
+    assert config.resolve_config("image", {}, "mnist").batch_size == 100
+    assert config.resolve_config("points", {}).batch_size == config.TrainConfig().batch_size

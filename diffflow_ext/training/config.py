@@ -32,9 +32,9 @@ from ..schedules import GRIDS
 
 __all__ = [
     "TrainConfig", "ConfigError", "Issue", "Range", "PRESETS", "SOURCE_PRESETS", "DATA_KINDS", "resolve_config",
-    "resume_config",    "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS", "DEVICE_PATTERN",
-    "MAX_NUM_STEPS", "option_fields", "resumable_fields", "GROUPS", "parse_device", "parse_key_value", "check_field",
-    "path_problem",
+    "resume_config", "parse_progressive", "parse_memory_budget", "LR_SCHEDULES", "DTYPES", "PRECISIONS",
+    "DEVICE_PATTERN", "MAX_NUM_STEPS", "option_fields", "resumable_fields", "GROUPS", "parse_device",
+    "parse_key_value", "check_field", "path_problem",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
