@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -220,6 +221,21 @@ def samples_finite(path: str):
             return f"{path} holds non-finite samples"
         return None
     return check
+
+
+def _sample_scale_ok(tmp: Path, scale: float) -> str | None:
+    """Sample the trained run; the samples must be finite, not all zero, and of the data's order of magnitude."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(["sample", str(tmp / "r"), "-n", "50", "--png", "none", "--out", str(tmp / "s.npy")])
+    if rc != 0:
+        return f"sample failed rc={rc}"
+    a = np.load(tmp / "s.npy").astype(np.float64)
+    if not np.isfinite(a).all():
+        return "non-finite samples"
+    m = np.abs(a).mean()
+    if not (scale * 0.3 < m < scale * 30):
+        return f"samples of mean |x| {m:.3g} for data of scale {scale:g} (stored as {np.load(tmp / 's.npy').dtype})"
+    return None
 
 
 def trained_n(expected_n: int):
@@ -632,6 +648,53 @@ def build_cli_cases() -> None:
              setup=changed_data, words=("pts.npy", "changed"))
     cli_case("eval-data-changed", ["eval", "run", "--n-samples", "50", "--n-ode", "0"], setup=changed_data,
              words=("pts.npy", "changed"))
+
+    # -- tiny/extreme sizes and scales: results must be finite and not degenerate
+    def finite_json(tmp, out):
+        try:
+            res = json.loads(out[out.index("{"):])
+        except ValueError:
+            return f"no JSON on stdout: {out[-200:]!r}"
+        bad = []
+
+        def walk(x, path):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    walk(v, f"{path}.{k}")
+            elif isinstance(x, list):
+                for i, v in enumerate(x):
+                    walk(v, f"{path}[{i}]")
+            elif isinstance(x, float) and not math.isfinite(x):
+                bad.append(path)
+        walk(res, "")
+        return f"non-finite numbers in the output: {bad[:4]}" if bad else None
+
+    cli_case("eval-n-samples-1", ["eval", "run", "--n-samples", "1", "--n-heldout", "50", "--n-nll", "1", "--n-ode",
+                                  "1"], setup=run_with, expect="either", check=finite_json,
+             words=("--n-samples", "--n-nll", "--n-ode"), note="an error naming the flag, or finite metrics")
+    cli_case("sample-n-1-png", ["sample", "run", "-n", "1", "--png", "p.png", "--out", "s.npy"], setup=run_with,
+             expect="ok", check=samples_finite("s.npy"))
+    no_b = [a for i, a in enumerate(FAST_N) if a != "-b" and FAST_N[i - 1] != "-b"]
+    cli_case("train-b-1", ["train", "checkerboard", *no_b, "--out", "r", "-b", "1"], expect="ok",
+             check=lambda tmp, out: None if (tmp / "r" / "checkpoint.safetensors").exists() else "no checkpoint")
+    cli_case("train-holdout-0", ["train", "pts.npy", *FAST_N, "--out", "r", "--holdout", "0"],
+             setup=npy("pts.npy", good), expect="ok",
+             check=lambda tmp, out: None if (tmp / "r" / "checkpoint.safetensors").exists() else "no checkpoint")
+    cli_case("train-two-points", ["train", "pts.npy", *FAST_N, "--out", "r"], setup=npy("pts.npy", good[:2]),
+             words=("pts.npy", "points", "--holdout"))
+
+    def scaled(scale):
+        return npy("pts.npy", good * scale + 3 * scale)
+
+    for scale in (1e-45, 1e-30, 1e30):
+        cli_case(f"train-then-sample-scale-{scale:g}", ["train", "pts.npy", *FAST_N, "--out", "r"], setup=scaled(scale),
+                 expect="ok", note="samples in data units must not underflow/overflow to 0/inf",
+                 check=lambda tmp, out, s=scale: _sample_scale_ok(tmp, s))
+    cli_case("train-out-non-utf8", ["train", "checkerboard", *FAST_N, "--out", os.fsdecode(b"r\xff")], expect="ok",
+             check=lambda tmp, out: None if (tmp / os.fsdecode(b"r\xff") / "checkpoint.safetensors").exists()
+             else "no run folder")
+    cli_case("data-non-utf8-name", ["train", os.fsdecode(b"d\xff.npy"), *FAST_N, "--out", "r"],
+             setup=lambda tmp: np.save(tmp / os.fsdecode(b"d\xff.npy"), good), expect="ok")
 
     # -- interrupted runs: Ctrl-C / kill -9 in the middle of training
     def interrupted_ok(kind):
@@ -1070,8 +1133,10 @@ def run_child(case: Case, tmp: Path) -> tuple[int | None, str, str, bool, float]
             fe = os.open(err_f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fo, 1)
             os.dup2(fe, 2)
-            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
-            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
+            # the interpreter's own defaults: strict stdout, backslashreplace stderr (as for a real `diffflow` process)
+            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), encoding="utf-8", write_through=True)
+            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), encoding="utf-8", errors="backslashreplace",
+                                          write_through=True)
             os.setpgid(0, 0)
             if case.kind == "cli":
                 try:
@@ -1171,7 +1236,7 @@ def classify(case: Case, tmp: Path, before: dict, rc, out: str, err: str, hung: 
         lines = [ln for ln in err.splitlines() if ln.strip()]
         if "Traceback (most recent call last)" in err:
             return "traceback", (lines[-1] if lines else "")[:200]
-        if case.expect == "ok":
+        if case.expect == "ok" or (case.expect == "either" and rc == 0):
             if rc != 0:
                 return "silent", f"good input failed rc={rc}: {(lines[-1] if lines else '')[:200]}"
             prob = case.check(tmp, out) if case.check else None
