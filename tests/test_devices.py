@@ -121,6 +121,15 @@ def _collective_worker(rank, port, out):
             "gather": {k: v.tolist() for k, v in ctx.gather_states(
                 {f"noise{ctx.rank}": torch.full((3,), ctx.rank + 7, dtype=torch.uint8)}).items()},
         }
+        res["on_main"] = ctx.on_main(lambda: 10 * ctx.rank + 5)  # rank 0's result everywhere
+
+        def refuse():
+            raise FileExistsError("--out r: already holds a training run")
+
+        try:
+            ctx.on_main(refuse)
+        except FileExistsError as e:  # raised on rank 0 only, seen on every rank
+            res["on_main_error"] = str(e)
         torch.save(res, os.path.join(out, f"r{rank}.pt"))
     finally:
         ctx.close()
@@ -136,6 +145,7 @@ def test_process_group_helpers_over_gloo(tmp_path):
         assert res["bcast"] == {"out": "/x"}
         assert res["any_one"] is True and res["any_none"] is False  # a Ctrl-C on one rank stops every rank
         assert res["gather"] == {"noise0": [7, 7, 7], "noise1": [8, 8, 8]}
+        assert res["on_main"] == 5 and res["on_main_error"] == "--out r: already holds a training run"
 
 
 # ----------------------------------------------------------------------------- mixed precision wiring

@@ -8,6 +8,7 @@ Sharding: the global batch is split into ``shards`` equal shards (a multiple of 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,22 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on rank 0 only; its result -- or its exception, raised on every rank -- on all ranks
+        (so a bad ``--out`` stops every process with the same one-line error instead of leaving them waiting)."""
+        if not self.distributed:
+            return fn()
+        box: tuple[str, Any] | None = None
+        if self.is_main:
+            try:
+                box = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 -- re-raised on every rank just below
+                box = ("error", e)
+        kind, value = self.broadcast(box)
+        if kind == "error":
+            raise value
+        return value
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""

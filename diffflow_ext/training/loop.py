@@ -297,12 +297,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     else:
         data = source if source is not None else build_data(cfg)
     inputs = tuple(n for n in (data.name, str(cfg.data)) if Path(n).is_file())
-    out = None
-    if ctx.is_main:
-        out_path, continuing = choose_out_dir(cfg.out, data=cfg.data if not ck else data.name, resume=resume,
-                                              overwrite=overwrite, inputs=inputs)
-        out = str(out_path)
-    out = Path(ctx.broadcast(out))
+    out = Path(ctx.on_main(lambda: str(choose_out_dir(cfg.out, data=cfg.data if not ck else data.name,
+                                                      resume=resume, overwrite=overwrite, inputs=inputs)[0])))
     cfg = dataclasses.replace(cfg, out=str(out))
     state = build_state(cfg, data, ctx, shards)
     if ck is not None:
@@ -358,7 +354,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     gradient_plan = None
     bar = None
     # from here on files are written: a failure before the first checkpoint removes what this run created
-    folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists())
+    ctx.on_main(lambda: folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists()))
     folder.file(CHECKPOINT_NAME)
     try:
         if ctx.is_main:
