@@ -1046,6 +1046,77 @@ def build_api_cases() -> None:
 
     api_case("api-op-em-noncontig-ok", noncontig, expect="ok")
 
+    # the adjoint's numerics (issue 10): dropout, batch norm, learnable g, long sums
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, extra: nn.Module):
+            super().__init__()
+            self.inp = nn.Linear(3, 16)
+            self.extra = extra
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x, t):
+            return self.out(self.extra(torch.tanh(self.inp(torch.cat([x, t.reshape(-1, 1).to(x.dtype)], 1)))))
+
+    def grads_in(mode, extra_factory):
+        torch.manual_seed(0)
+        m = DiffFlow(Net(extra_factory()), Net(extra_factory()), (2,), num_steps=4, gradient=mode)
+        x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        m.loss(x, torch.Generator().manual_seed(2)).backward()
+        return m, [p.grad.clone() for p in m.parameters()]
+
+    def adjoint_matches_autograd(extra_factory, what):
+        def f(tmp):
+            _, ga = grads_in("autograd", extra_factory)
+            for mode in ("adjoint", "auto"):
+                _, gb = grads_in(mode, extra_factory)
+                err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(ga, gb))
+                if err > 1e-4:
+                    raise _Silent(f"{what}: gradient={mode} differs from autograd by {err:.2%}")
+            return True
+        return f
+
+    api_case("api-adjoint-dropout-ok", adjoint_matches_autograd(lambda: nn.Dropout(0.3), "dropout"), expect="ok",
+             words=("dropout",))
+
+    def batchnorm_counts(tmp):
+        counts = {}
+        for mode in ("autograd", "adjoint", "auto"):
+            m, _ = grads_in(mode, lambda: nn.BatchNorm1d(16))
+            counts[mode] = int(m.drift.extra.num_batches_tracked)
+        if len(set(counts.values())) != 1:
+            raise _Silent(f"batch-norm updates per loss differ by gradient mode: {counts}")
+        return counts
+
+    api_case("api-adjoint-batchnorm-ok", batchnorm_counts, expect="ok")
+
+    class LearnableG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_g = nn.Parameter(torch.tensor(-1.0))
+
+        def forward(self, t):
+            return self.log_g.exp() * torch.ones_like(t)
+
+    api_case("api-learnable-diffusion", lambda tmp: DiffFlow.mlp(2, hidden=8, depth=1, num_steps=3,
+                                                                 diffusion=LearnableG()), words=("diffusion",))
+
+    def long_sum(tmp):
+        D = 196_608
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(2, D, generator=gen) for _ in range(4)]
+        _, h = ops.backward_noise(*xs, 0.01, 0.3)
+        dt64, g64 = (torch.full((2,), v, dtype=torch.float64) for v in (0.01, 0.3))
+        _, h64 = ops.reference.backward_noise_ref(*[x.double() for x in xs], dt64, g64)
+        rel = float(((h.double() - h64).abs() / h64).max())
+        if rel > 1e-6:
+            raise _Silent(f"half squared norm at D={D}: relative error {rel:.2e} (torch float32 sum: ~2e-7)")
+        return rel
+
+    api_case("api-op-long-sum-accuracy-ok", long_sum, expect="ok")
+
     # data-file loader (API)
     from diffflow_ext.data.files import load_points
 
