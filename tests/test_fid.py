@@ -135,3 +135,25 @@ def test_inception_plumbing_with_random_weights(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert math.isfinite(res["fid"]) and res["fid_features"].startswith("inception")
     assert [tuple(f.shape) for f in calls] == [(2, 2048), (2, 2048)] and all(torch.isfinite(f).all() for f in calls)
+
+
+def test_reference_statistics_are_cached_and_the_reference_split_is_chosen():
+    from diffflow_ext import DiffFlow, TimeMLP
+    from diffflow_ext.data import get_data_source
+
+    seen = []
+
+    def counting(x):
+        seen.append(len(x))
+        return _pool_features(x)
+
+    ref = _images(50, 7)
+    a = compute_fid(_images(20, 8), ref, extractor=counting, batch_size=100)
+    b = compute_fid(_images(20, 8), ref.clone(), extractor=counting, batch_size=100)
+    assert a == b and seen == [50, 20, 20]  # the reference's features were extracted once
+    torch.manual_seed(0)
+    src = get_data_source("digits")
+    m = DiffFlow(TimeMLP(64, 32, 1), TimeMLP(64, 32, 1), (1, 8, 8), num_steps=3)
+    res = evaluate_model(m, src, n_samples=20, n_nll=0, ode=False, fid_extractor=_pool_features,
+                         fid_reference="train", fid_n_reference=500)
+    assert res["fid_reference_split"] == "train" and res["fid_n_reference"] == 500

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,14 +59,29 @@ def _load_state_dict(p: Path) -> dict:
     return sd
 
 
+_EXTRACTORS: dict[tuple, Callable] = {}
+_REFERENCE_STATS: OrderedDict[tuple, dict] = OrderedDict()
+
+
 def inception_extractor(weights: str | os.PathLike | None = None, *, device=None
                         ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """torch-fidelity's InceptionV3 (2048-d pool features) with the given weights file, on ``device``."""
+    """torch-fidelity's InceptionV3 (2048-d pool features) with the given weights file, on ``device``.
+
+    Built once per (file, size, modification time, device) in a process: periodic evaluations reuse it."""
+    p = resolve_fid_weights(weights)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, str(device or "cpu"))
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # one network at a time (~100 MB)
+        _EXTRACTORS[key] = _build_inception(p, device)
+    return _EXTRACTORS[key]
+
+
+def _build_inception(p: Path, device) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         raise FIDError('FID needs torch-fidelity: pip install ".[fid]"') from None
-    p = resolve_fid_weights(weights)
     sd = _load_state_dict(p)
     # torch-fidelity loads its weights file with an unrestricted torch.load; hand it a file we just wrote from
     # the safely loaded tensors instead of the user's file.
@@ -102,14 +118,23 @@ def extract_features(images: torch.Tensor, extractor: Callable[[torch.Tensor], t
     return torch.cat(feats)
 
 
+def _statistics(f: torch.Tensor) -> dict:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(f.double().cpu())
+
+
+def _fid(s1: dict, s2: dict) -> float:
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(s1, s2, False)[KEY_METRIC_FID])
+
+
 def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """FID between two feature sets ``(n, F)`` (torch-fidelity's statistics and matrix square root)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
     if len(f1) < 2 or len(f2) < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(f1)} and {len(f2)}")
-    s1, s2 = fid_features_to_statistics(f1.double().cpu()), fid_features_to_statistics(f2.double().cpu())
-    return float(fid_statistics_to_metric(s1, s2, False)[KEY_METRIC_FID])
+    return _fid(_statistics(f1), _statistics(f2))
 
 
 def compute_fid(
@@ -125,12 +150,24 @@ def compute_fid(
     """FID of ``samples`` against ``reference`` (both ``uint8`` ``(n, C, H, W)``).
 
     Returns ``{"fid", "fid_n_samples", "fid_n_reference", "fid_reference_split", "fid_features"}`` so every
-    reported FID states its sample count and reference split (FID is biased upwards at small n).
+    reported FID states its sample count and reference split (FID is biased upwards at small n). The
+    reference statistics are cached in the process (keyed by the extractor and the reference's content
+    hash), so periodic evaluations extract the reference features once.
     """
+    from ..data.base import sha256_array
+
+    if len(samples) < 2 or len(reference) < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {len(samples)} and {len(reference)}")
     ext = extractor if extractor is not None else inception_extractor(weights, device=device)
-    f1 = extract_features(samples, ext, batch_size=batch_size)
-    f2 = extract_features(reference, ext, batch_size=batch_size)
-    return {"fid": fid_from_features(f1, f2), "fid_n_samples": int(len(samples)),
-            "fid_n_reference": int(len(reference)), "fid_reference_split": reference_split,
+    key = (ext, sha256_array(reference))
+    ref_stats = _REFERENCE_STATS.get(key)
+    if ref_stats is None:
+        ref_stats = _statistics(extract_features(reference, ext, batch_size=batch_size))
+        _REFERENCE_STATS[key] = ref_stats
+        while len(_REFERENCE_STATS) > 4:
+            _REFERENCE_STATS.popitem(last=False)
+    fid = _fid(_statistics(extract_features(samples, ext, batch_size=batch_size)), ref_stats)
+    return {"fid": fid, "fid_n_samples": int(len(samples)), "fid_n_reference": int(len(reference)),
+            "fid_reference_split": reference_split,
             "fid_features": "inception-v3-compat pool 2048" if extractor is None else getattr(
                 extractor, "__name__", type(extractor).__name__)}

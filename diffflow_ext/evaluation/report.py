@@ -101,6 +101,8 @@ def evaluate_model(
     fid: bool | None = None,
     fid_weights: str | os.PathLike | None = None,
     fid_extractor=None,
+    fid_reference: str | None = None,
+    fid_n_reference: int | None = None,
     method: str = "em",
     sampler_options: dict | None = None,
     samples: torch.Tensor | None = None,
@@ -110,7 +112,9 @@ def evaluate_model(
 
     ``n_nll`` / ``n_ode`` examples of ``split`` for the ELBO / ODE likelihoods (``None``: the whole split),
     ``n_samples`` samples (sampler ``lam``). ``fid``: ``None`` computes FID for images when weights are
-    available, ``True`` requires them, ``False`` skips. ``method`` / ``sampler_options`` choose the sampler;
+    available, ``True`` requires them, ``False`` skips; the reference is the first ``fid_n_reference`` images
+    (default all) of split ``fid_reference`` (default: ``split``; e.g. ``"train"`` for CIFAR-10).
+    ``method`` / ``sampler_options`` choose the sampler;
     ``samples``: model-space samples drawn elsewhere (e.g. gathered from several ranks with
     :func:`sample_model`), used instead of sampling here. Samples are returned in data space (``uint8`` images).
     """
@@ -148,9 +152,10 @@ def evaluate_model(
         want_fid = fid is True or (fid is None and (fid_weights is not None or fid_extractor is not None
                                                     or os.environ.get(FID_ENV)))
         if want_fid:
-            ref = source.heldout(None, split=split)
-            out.update(compute_fid(samples, ref, weights=fid_weights, extractor=fid_extractor, reference_split=split,
-                                   device=next(iter(model.parameters())).device))
+            ref_split = fid_reference or split
+            ref = source.heldout(fid_n_reference, split=ref_split)
+            out.update(compute_fid(samples, ref, weights=fid_weights, extractor=fid_extractor,
+                                   reference_split=ref_split, device=next(iter(model.parameters())).device))
         samples_np = samples.numpy()
     else:
         samples_np = source.to_data(z).numpy().reshape(n_samples, -1)
