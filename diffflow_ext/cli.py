@@ -652,11 +652,13 @@ def _cmd_sample(args) -> int:
     if not torch.isfinite(z).all():
         raise CLIError(f"sampling produced non-finite values (lam={lam}, steps={o.num_steps or model.num_steps}); "
                        "nothing was written", 1)
-    src, why = _data_source(ck)
-    if why is not None and png is not None:
-        print(f"diffflow sample: note: the training data is not available ({why}); the picture shows the samples "
-              "alone", file=sys.stderr)
-    x = _to_data_space(src.transform if src is not None else transform, z)
+    src = None
+    if png is not None:  # the data is only needed for the picture (samples beside held-out data, support)
+        src, why = _data_source(ck)
+        if why is not None:
+            print(f"diffflow sample: note: the training data is not available ({why}); the picture shows the "
+                  "samples alone", file=sys.stderr)
+    x = _to_data_space(transform, z)  # the stored transform: the samples never depend on the data files
     if x.dtype.kind == "f":
         x = x.astype(np.float32)
     msg: dict[str, Any] = {"samples": str(out), "n": o.n, "method": o.method, "lam": lam,
