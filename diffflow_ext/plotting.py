@@ -25,6 +25,11 @@ def _plt():
     return plt
 
 
+def _text(s) -> str:
+    """A title matplotlib can draw: file names may hold undecodable bytes (lone surrogates), shown escaped."""
+    return str(s).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _save(plt, fig, path, dpi: int = 110) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
@@ -65,7 +70,7 @@ def plot_points(points, path, title: str = "") -> Path:
     p = _np(points)
     fig, ax = plt.subplots(figsize=(5, 5))
     _draw(ax, p, _limits(p))
-    ax.set_title(title)
+    ax.set_title(_text(title))
     return _save(plt, fig, path, dpi=110)
 
 
@@ -87,7 +92,7 @@ def samples_vs_data(samples, data, path, *, title: str = "", support=None, metri
             ax.set_xlabel("dim 0")
             ax.set_ylabel("dim 1")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_text(title))
     return _save(plt, fig, path, dpi=110)
 
 
@@ -127,7 +132,8 @@ def _trajectories(model, x_model, seed: int, lam: float):
     x0 = x0.to(device=p.device, dtype=p.dtype)
     gen = torch.Generator(device=p.device)
     fwd = model.forward_trajectory(x0, generator=gen.manual_seed(seed + 11)).cpu()
-    _, bwd = model.sample(len(x0), lam=lam, generator=gen.manual_seed(seed + 12), return_trajectory=True)
+    kw = {} if lam is None else {"lam": lam}
+    _, bwd = model.sample(len(x0), generator=gen.manual_seed(seed + 12), return_trajectory=True, **kw)
     return fwd, bwd.cpu(), model.timestamps.detach().cpu().numpy()
 
 
@@ -178,7 +184,7 @@ def sample_grid(images, path, *, title: str = "", nrow: int | None = None, level
     fig, ax = plt.subplots(figsize=(scale, scale * tile.shape[0] / tile.shape[1] + (0.4 if title else 0)))
     _show(ax, tile)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_text(title), fontsize=10)
     return _save(plt, fig, path, dpi=110)
 
 
@@ -210,5 +216,5 @@ def trajectory_strip(model, x_model, path, *, seed: int = 0, lam: float = 1.0, t
     _show(axes[1], bottom)
     axes[1].set_title("backward: noise -> data, t = " + ", ".join(f"{t[i]:.3g}" for i in idx[::-1]), fontsize=9)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_text(title))
     return _save(plt, fig, path, dpi=110)

@@ -265,3 +265,16 @@ def test_eval_of_an_image_run_recomputes_metrics_json(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     for k in ("nelbo_bits_per_dim", "nelbo_bits_per_dim_se", "bpd_offset", "levels", "fraction_finite"):
         assert again[k] == saved[k], k
+
+
+def test_samplers_without_lambda_and_undecodable_titles(tmp_path):
+    from diffflow_ext import plotting
+
+    torch.manual_seed(0)
+    m = _flat_diffflow((2,), num_steps=4)
+    z = sample_model(m, 10, lam=None, method="heun", seed=1, batch_size=5)
+    assert z.shape == (10, 2) and torch.isfinite(z).all()
+    res = evaluate_model(m, get_data_source("checkerboard"), n_heldout=200, n_samples=50, n_nll=20, ode=False,
+                         lam=None, method="heun")
+    assert res["lam"] is None and res["sampler"] == "heun"
+    assert plotting.plot_points(z, tmp_path / "p.png", title="d\udcff.npy: step 2").is_file()

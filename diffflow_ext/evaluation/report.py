@@ -39,7 +39,7 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: int = 1000, method: str = "em",
+def sample_model(model, n: int, *, lam: float | None = 1.0, seed: int = 0, batch_size: int = 1000, method: str = "em",
                  sampler_options: dict | None = None, batches=None, **sample_kwargs) -> torch.Tensor:
     """``n`` model-space samples (CPU) in batches of ``batch_size``; batch ``i`` draws from a generator seeded
     with :func:`batch_seed(seed, i) <batch_seed>`. ``batches``: only these batch indices (e.g. this rank's
@@ -49,6 +49,8 @@ def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: 
     device = p.device if p is not None else torch.device("cpu")
     n_batches = -(-int(n) // int(batch_size))
     extra = {"sampler_options": dict(sampler_options)} if sampler_options else {}
+    if lam is not None:  # samplers without a lambda (heun, ode) refuse one
+        extra["lam"] = lam
     extra.update(sample_kwargs)
     out = []
     for i in (range(n_batches) if batches is None else batches):
@@ -56,7 +58,7 @@ def sample_model(model, n: int, *, lam: float = 1.0, seed: int = 0, batch_size: 
             raise ValueError(f"batches: index {i} out of range for {n} samples in batches of {batch_size}")
         gen = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
         m = min(batch_size, n - i * batch_size)
-        out.append(model.sample(m, lam=lam, generator=gen, method=method, **extra).cpu())
+        out.append(model.sample(m, generator=gen, method=method, **extra).cpu())
     if not out:
         shape = tuple(getattr(model, "data_shape", ()))
         return torch.empty((0, *shape))
@@ -93,7 +95,7 @@ def evaluate_model(
     n_nll: int | None = 2000,
     n_ode: int | None = 500,
     n_ot: int = 1000,
-    lam: float = 1.0,
+    lam: float | None = 1.0,
     seed: int = 0,
     ode: bool = True,
     draws: int | None = None,
@@ -111,7 +113,8 @@ def evaluate_model(
     """Metrics of ``model`` on ``source`` (a :class:`~diffflow_ext.data.DataSource`), see the module docstring.
 
     ``n_nll`` / ``n_ode`` examples of ``split`` for the ELBO / ODE likelihoods (``None``: the whole split),
-    ``n_samples`` samples (sampler ``lam``). ``fid``: ``None`` computes FID for images when weights are
+    ``n_samples`` samples (sampler ``lam``; ``None`` for samplers without one). ``fid``: ``None`` computes FID
+    for images when weights are
     available, ``True`` requires them, ``False`` skips; the reference is the first ``fid_n_reference`` images
     (default all) of split ``fid_reference`` (default: ``split``; e.g. ``"train"`` for CIFAR-10).
     ``method`` / ``sampler_options`` choose the sampler;
@@ -120,7 +123,8 @@ def evaluate_model(
     """
     x_ref = source.heldout(n_heldout, split=split)
     out: dict[str, Any] = {"data_kind": source.kind, "split": split if not source.streaming else "heldout draw",
-                           "n_heldout": int(len(x_ref)), "dim": int(source.dim), "seed": int(seed), "lam": float(lam)}
+                           "n_heldout": int(len(x_ref)), "dim": int(source.dim), "seed": int(seed),
+                           "lam": None if lam is None else float(lam)}
     if source.levels:
         out.update(levels=int(source.levels), bpd_offset=bpd_offset(source),
                    bpd_draws=int(draws if draws is not None else 3))
