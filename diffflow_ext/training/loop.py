@@ -415,7 +415,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
 
                     m = evaluate_model(eval_model(), data, n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
                                        ode=False, seed=cfg.eval_seed, lam=cfg.eval_lam, fid=False)
-                    keys = ("nelbo_nats", "sliced_wasserstein", "fraction_in_support")
+                    keys = ("nelbo_nats", "nelbo_bits_per_dim", "sliced_wasserstein", "fraction_in_support")
                     bar.write(f"step {step}: loss {_fmt(loss_ema)} "
                               + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
                     folder.log({"step": step, "eval": m})

@@ -103,6 +103,13 @@ class RunFolder:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
+            for d in missing:  # missing[0] is the deepest: remove what this call created
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    break
             raise ValueError(f"--out {self.path}: cannot write there ({e.strerror or e})") from None
         self.created_dir = bool(missing)
         self._missing = missing
