@@ -73,6 +73,12 @@ if triton is not None:
         return tl.load(ptr + rows.to(tl.int64) * stride, mask=rmask, other=1.0)[:, None]
 
     @triton.jit
+    def _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R: tl.constexpr):
+        """This program's rows, their mask, and their (BLOCK_R, 1) dt and g."""
+        rows, rmask = _rows(B, BLOCK_R)
+        return rows, rmask, _row_param(dt_ptr, dt_s, rows, rmask), _row_param(g_ptr, g_s, rows, rmask)
+
+    @triton.jit
     def _ld(ptr, offs, mask, ACC: tl.constexpr):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
 
@@ -131,9 +137,7 @@ if triton is not None:
     @triton.jit
     def _em_step_fwd(x_ptr, f_ptr, n_ptr, out_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         g_sdt, _, _ = _em_coef(dt, g)
         for j in range(0, CHUNK, BLOCK_D):
@@ -146,9 +150,7 @@ if triton is not None:
     @triton.jit
     def _em_step_bwd(go_ptr, f_ptr, n_ptr, gf_ptr, gn_ptr, pdt_ptr, pg_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
                      DTG: tl.constexpr, OUT_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         g_sdt, half_g_over_sdt, sdt = _em_coef(dt, g)
         acc_dt = tl.zeros([BLOCK_R, BLOCK_D], ACC)
@@ -174,9 +176,7 @@ if triton is not None:
     @triton.jit
     def _backward_noise_fwd(xp_ptr, xn_ptr, f_ptr, s_ptr, delta_ptr, phs_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C,
                             CHUNK, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         _, inv = _noise_coef(dt, g)
         acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
@@ -196,9 +196,7 @@ if triton is not None:
                             pg_ptr, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK, HAS_GD: tl.constexpr,
                             HAS_GH: tl.constexpr, DTG: tl.constexpr, OUT_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
                             BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         if HAS_GH:
             gh = _row_param(gh_ptr, gh_s, rows, rmask)
@@ -235,10 +233,8 @@ if triton is not None:
     @triton.jit
     def _flow_step_fwd(xp_ptr, x_ptr, f_ptr, s_ptr, n_ptr, xn_ptr, phs_ptr, dtp_ptr, dtp_s, dt_ptr, dt_s, g_ptr, g_s,
                        B, D, C, CHUNK, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         dtp = _row_param(dtp_ptr, dtp_s, rows, rmask)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         g_sdt, _, _ = _em_coef(dt, g)
         _, invp = _noise_coef(dtp, g)
@@ -260,10 +256,8 @@ if triton is not None:
                        o4_ptr, pdtp_ptr, pdt_ptr, pg_ptr, dtp_ptr, dtp_s, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK,
                        HAS_GO: tl.constexpr, HAS_GH: tl.constexpr, DTG: tl.constexpr, OUT_MASK: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         dtp = _row_param(dtp_ptr, dtp_s, rows, rmask)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         if HAS_GH:
             gh = _row_param(gh_ptr, gh_s, rows, rmask)
@@ -319,11 +313,9 @@ if triton is not None:
     def _adjoint_step(xp_ptr, x_ptr, f_ptr, s_ptr, an_ptr, ad_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, w_ptr, w_s,
                       dtp_ptr, dtp_s, dt_ptr, dt_s, g_ptr, g_s, B, D, C, CHUNK, BLOCK_R: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-        rows, rmask = _rows(B, BLOCK_R)
+        rows, rmask, dt, g = _rows_dt_g(B, dt_ptr, dt_s, g_ptr, g_s, BLOCK_R)
         w = _row_param(w_ptr, w_s, rows, rmask)
         dtp = _row_param(dtp_ptr, dtp_s, rows, rmask)
-        dt = _row_param(dt_ptr, dt_s, rows, rmask)
-        g = _row_param(g_ptr, g_s, rows, rmask)
         ACC: tl.constexpr = dt_ptr.dtype.element_ty
         g_sdt, _, _ = _em_coef(dt, g)
         sdtp, invp = _noise_coef(dtp, g)
