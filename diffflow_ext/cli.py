@@ -285,7 +285,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | 
         g = groups[m["group"]]
         choices = tuple(m["choices"]()) if m.get("choices") else None
         metavar = m.get("metavar") or ("{" + ",".join(map(str, choices)) + "}" if choices else None)
-        shown = "default" in m["help"] or _is_dict_field(f)
+        shown = "default:" in m["help"] or _is_dict_field(f)
         hlp = m["help"] if shown else f"{m['help']} ({_default_text(f, defaults)})"
         switch = {"nargs": 0} if str(f.type).strip() == "bool" else {"metavar": metavar}
         g.add_argument(*_flags(f), dest=f.name, action=_FieldAction, field=f, default=argparse.SUPPRESS,
@@ -382,30 +382,25 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+@dataclass
+class ProcessOptions:
+    """Options of the process itself, shared by every command."""
+
+    threads: int = option(1, "torch CPU threads per process (the small MLPs run fastest single-threaded, and several "
+                             "threads per process thrash a busy machine); 0: torch's default",
+                          range=Range(0, 1024, integer=True), group="process")
+
+
 def _threads_arg(p) -> None:
-    p.add_argument("--threads", type=_nonneg_int("--threads"), default=1,
-                   help="torch CPU threads per process (the small MLPs run fastest single-threaded, and "
-                        "several threads per process thrash a busy machine); 0: torch's default")
-
-
-def _nonneg_int(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = _parse_int(text)
-        except ValueError:
-            v = -1
-        if not 0 <= v <= 1024:
-            raise CLIError(f"{flag}: expected an integer in [0, 1024], got {text!r}")
-        return v
-
-    return parse
+    _add_fields(p, ProcessOptions)
 
 
 def _set_threads(args) -> None:
     import torch
 
-    if getattr(args, "threads", 0) and args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", ProcessOptions().threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _config_error(e: ConfigError, args) -> CLIError:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from diffflow_ext.cli import EvalOptions, SampleOptions, _flags, main
+from diffflow_ext.cli import EvalOptions, ProcessOptions, SampleOptions, _flags, main
 from diffflow_ext.training.config import TrainConfig, option_fields
 
 _JUNK = st.one_of(
@@ -57,7 +57,8 @@ def _cases(cls):
     return out
 
 
-_COMMANDS = {"train": _cases(TrainConfig), "sample": _cases(SampleOptions), "eval": _cases(EvalOptions)}
+_COMMANDS = {"train": _cases(TrainConfig) + _cases(ProcessOptions), "sample": _cases(SampleOptions),
+             "eval": _cases(EvalOptions) + _cases(ProcessOptions)}
 
 
 @st.composite
