@@ -259,6 +259,10 @@ def test_sample_with_another_sampler(run_dir, tmp_path, capsys):
                      "--sampler-option", f"atol={tol}", "--out", str(out), "--png", "none"]) == 0
         outs.append(np.load(out))
     assert np.abs(outs[0] - outs[1]).max() > 1e-6
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--method", "heun", "--n-samples", "50", "--n-ode", "0", "--n-nll", "20"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["lam"] is None and res["n_samples"] == 50
 
 
 @pytest.mark.parametrize("args,flag", [(["--draws", "5"], "--draws"), (["--fid", "on"], "--fid"),
