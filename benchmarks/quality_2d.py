@@ -91,14 +91,15 @@ def _cpu() -> float:
     return time.process_time()
 
 
-def train_diffflow_defaults(data: Points, seed: int, iters: int | None = None):
-    """The library's defaults for point data, trained by the library's train_step; returns (EMA model, cfg)."""
+def train_diffflow_defaults(data: Points, seed: int, iters: int | None = None, options: dict | None = None):
+    """The library's defaults for point data (``options``: overrides, for ablations), trained by the library's
+    train_step; returns (EMA model, cfg)."""
     from types import SimpleNamespace
 
     from diffflow_ext.training.config import resolve_config
     from diffflow_ext.training.loop import build_state, train_step
 
-    explicit = {"data": "checkerboard", "seed": seed}
+    explicit = {"data": "checkerboard", "seed": seed, **(options or {})}
     if iters is not None:
         explicit["iters"] = iters
     cfg = resolve_config("points", explicit)
@@ -138,12 +139,13 @@ def fixed_drift_model(gradient: str = "autograd"):
     return fixed_drift_diffusion(2, beta=8.0, t_end=1.0, num_steps=30, hidden=64, depth=3, gradient=gradient)
 
 
-def train_model(name: str, data: Points, seed: int, budget: float | None, iters: int | None):
+def train_model(name: str, data: Points, seed: int, budget: float | None, iters: int | None,
+                options: dict | None = None):
     """Train model ``name``; returns (model, info dict with cpu seconds and iterations)."""
     torch.manual_seed(seed)
     t0 = _cpu()
     if name == "diffflow":
-        model, cfg = train_diffflow_defaults(data, seed, iters)
+        model, cfg = train_diffflow_defaults(data, seed, iters, options)
         info = {"iters": cfg.iters, "eval_lam": cfg.eval_lam}
     elif name in ("fixed-dsm", "fixed-diffflow"):
         model = fixed_drift_model()
@@ -299,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="CPU seconds per baseline (default: the CPU time the DiffFlow defaults took on that set)")
     ap.add_argument("--iters", type=int, default=None, help="override the DiffFlow default iterations (diagnosis)")
+    ap.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a DiffFlow training default (ablation), e.g. --option diffusion=0.2")
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--ode", type=int, default=500, help="held-out points for the ODE NLL")
     ap.add_argument("--elbo", type=int, default=2000, help="held-out points for the -ELBO")
@@ -310,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sets = parse_sets(args.sets)
+    options = {}
+    for kv in args.option:
+        key, _, value = kv.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
@@ -325,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         data = datas[s] = Points(s, seed=args.seed)
         budget = args.budget
         for m in models:
-            model, info = train_model(m, data, args.seed, budget, args.iters)
+            model, info = train_model(m, data, args.seed, budget, args.iters, options)
             if m == "diffflow" and args.budget is None:
                 budget = info["cpu_seconds"]
             if args.mode == "quality":
