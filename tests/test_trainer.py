@@ -46,35 +46,36 @@ def _assert_same_checkpoint(a_path, b_path):
     assert cka.meta["optimizer"] == ckb.meta["optimizer"]
 
 
-class _SigintDuringStep:
-    """Hook: after step ``k`` arms a forward hook on the drift network that sends this process a real SIGINT
-    (as Ctrl-C does) in the middle of step ``k + 1`` -- after its batch and part of its noise were drawn."""
+class _SignalDuringStep:
+    """Hook: after step ``k`` arms a forward hook on the drift network that sends this process a real signal
+    (SIGINT as Ctrl-C does, SIGTERM as ``kill`` or a scheduler does) in the middle of step ``k + 1`` -- after
+    its batch and part of its noise were drawn."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, sig: int = signal.SIGINT):
+        self.k, self.sig = k, sig
 
     def __call__(self, state, stats):
         if state.step == self.k:
             def fire(module, args, output):
                 handle.remove()
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.sig)
 
             handle = state.model.drift.register_forward_hook(fire)
 
 
-@pytest.mark.parametrize("grid", ["fixed", "flexible"])
-def test_ctrl_c_then_resume_equals_uninterrupted_run_bitwise(tmp_path, grid):
+@pytest.mark.parametrize("grid,sig", [("fixed", signal.SIGINT), ("flexible", signal.SIGTERM)])
+def test_ctrl_c_then_resume_equals_uninterrupted_run_bitwise(tmp_path, grid, sig):
     """Issue 10: Ctrl-C then --resume used to differ (the data and noise streams had already advanced)."""
     total, k = 7, 3
     full = _run(tmp_path, "full", iters=total, grid=grid, progressive="2:4:5")
     cfg = TrainConfig(**{**TINY, "grid": grid, "progressive": "2:4:5", "iters": total, "out": str(tmp_path / "part")})
     msgs = []
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False, final_eval=False, log=msgs.append, hooks=[_SigintDuringStep(k)])
+        train(cfg, progress=False, final_eval=False, log=msgs.append, hooks=[_SignalDuringStep(k, sig)])
     ck = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")
     # Ctrl-C arrived inside step k + 1: that step is completed, then the state as of step k + 1 is saved
     assert ck.step == k + 1, (ck.step, msgs)
-    assert any(f"interrupted after step {k + 1}" in m for m in msgs), msgs
+    assert any(f"interrupted ({signal.Signals(sig).name}) after step {k + 1}" in m for m in msgs), msgs
     resumed = train(cfg, resume=str(tmp_path / "part"), progress=False, final_eval=False, log=lambda s: None)
     assert resumed["steps_run"] == total - k - 1
     _assert_same_checkpoint(full["checkpoint"], resumed["checkpoint"])

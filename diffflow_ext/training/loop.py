@@ -196,26 +196,30 @@ def train_step(state: TrainState, net: torch.nn.Module, x: torch.Tensor, *, shar
 
 
 class _StopRequest:
-    """First SIGINT: finish the current step, then stop; second SIGINT: ``KeyboardInterrupt`` at once."""
+    """First SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler's preemption, torchrun's shutdown): finish the
+    current step, then stop; a second one: ``KeyboardInterrupt`` at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.requested: str | None = None
+        self._old: dict = {}
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> bool:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -368,8 +372,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                    dynamic_ncols=True, smoothing=0.1, desc="train", file=sys.stderr)
         with _StopRequest() as stop:
             while state.step < cfg.iters:
-                if ctx.any(stop.requested):
-                    interrupted = True
+                if ctx.any(stop.requested is not None):
+                    interrupted = stop.requested or "a stop request on another process"
                     break
                 N = schedule(state.step)
                 # every process draws the global batch (one data stream, as in a single process) and keeps its shards
@@ -435,7 +439,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         if state.step > start_step or have_checkpoint:
             save(ckpt_path)
             if ctx.is_main:
-                log(f"interrupted after step {state.step}; checkpoint saved to {ckpt_path} "
+                log(f"interrupted ({interrupted}) after step {state.step}; checkpoint saved to {ckpt_path} "
                     f"(continue with --resume {ckpt_path})")
         else:
             folder.discard()
