@@ -346,19 +346,28 @@ def _refuse_existing(path: Path, flag: str, overwrite: bool) -> None:
 def _staged(paths: Sequence[Path]) -> Iterator[list[Path]]:
     """Temporary files next to each of ``paths`` (same suffix); all moved into place together at the end,
     all removed if anything fails -- the outputs appear complete or not at all."""
-    tmps = []
+    tmps: list[Path] = []
+    made: list[Path] = []  # folders created for the outputs, removed again if nothing is written
+    done = False
     try:
         for p in paths:
+            made += [d for d in (p.parent, *p.parent.parents) if not d.exists()]  # deepest first
+            p.parent.mkdir(parents=True, exist_ok=True)
             fd, t = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}")
             os.close(fd)
             tmps.append(Path(t))
         yield tmps
         for t, p in zip(tmps, paths):
             os.replace(t, p)
+        done = True
     finally:
         for t in tmps:
             with contextlib.suppress(OSError):
                 t.unlink()
+        if not done:
+            for d in dict.fromkeys(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 # ----------------------------------------------------------------------------- train

@@ -218,6 +218,20 @@ def test_sample_out_dir_writes_inside(run_dir, tmp_path, capsys):
     assert info["samples"] == str(d / "samples_seed3.npy")
     rc, lines = _run(["sample", run_dir, "-n", "10", "--out", tmp_path / "x.txt"], capsys)
     _one_line_error(rc, lines, flag="--out", code=2)
+    assert main(["sample", str(run_dir), "-n", "10", "--out", str(tmp_path / "new" / "sub" / "s.npy")]) == 0
+    assert sorted(p.name for p in (tmp_path / "new" / "sub").iterdir()) == ["s.npy", "s.png"]  # no temporaries
+
+
+def test_failed_sample_leaves_no_folders_or_temporaries(run_dir, tmp_path, capsys, monkeypatch):
+    import diffflow_ext.cli as cli
+
+    def broken_picture(*a, **k):
+        raise RuntimeError("picture failed")
+
+    monkeypatch.setattr(cli, "_sample_picture", broken_picture)
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", tmp_path / "a" / "b" / "s.npy"], capsys)
+    _one_line_error(rc, lines, flag="picture failed", code=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args,flag", [(["--lam", "inf"], "--lam"), (["--lam", "-1"], "--lam"),
