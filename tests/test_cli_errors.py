@@ -185,6 +185,18 @@ def test_resume_refuses_contradicting_options(run_dir, capsys):
     assert _tree(run_dir) == before
 
 
+def test_resume_continues_in_the_checkpoint_folder(tmp_path, monkeypatch):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    monkeypatch.chdir(tmp_path / "A")
+    assert main(["train", "--out", "r", *TINY]) == 0  # a relative --out is stored
+    monkeypatch.chdir(tmp_path / "B")
+    assert main(["train", "--resume", "../A/r", "--iters", "3", "--no-progress", "--final-ode", "0"]) == 0
+    from diffflow_ext.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "A" / "r").step == 3 and list((tmp_path / "B").iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- sample / eval outputs
 
 

@@ -513,4 +513,5 @@ def resume_config(stored: Mapping[str, Any], explicit: Mapping[str, Any]) -> Tra
                             f"on resume only {may} may change"))
         raise ConfigError(issues, "options contradict the checkpoint")
     changes = {k: v for k, v in explicit.items() if k in fields and fields[k].metadata["resume"]}
+    changes.setdefault("out", None)  # without --out a resumed run continues in its checkpoint's folder
     return dataclasses.replace(base, **changes)
