@@ -14,11 +14,11 @@ import torch
 
 from diffflow_ext import DiffFlow
 from diffflow_ext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffflow_ext.training import TrainConfig, train
 from diffflow_ext.training.ema import EMA
-from diffflow_ext.train import TrainConfig, train
 
-TINY = dict(data="checkerboard", hidden=16, depth=2, num_steps=4, progressive=None, batch_size=64, lr=1e-2, lr_decay=0.9,
-            lr_decay_every=2, ema=0.9, clip=1.0, eval_every=0, seed=3)
+TINY = dict(data="checkerboard", hidden=16, depth=2, num_steps=4, progressive=None, batch_size=64, lr=1e-2,
+            lr_decay=0.9, lr_decay_every=2, ema=0.9, clip=1.0, eval_every=0, seed=3)
 
 
 def _tiny_state(tmp_path: Path) -> tuple[Path, DiffFlow, torch.optim.Optimizer]:
