@@ -19,7 +19,7 @@ Built-in backends:
 
 The registry is open: :func:`register` adds a :class:`Backend` (e.g. kernels for another device, or an
 instrumented copy of the reference) that every op (``ops.em_step(..., backend="mine")``), the model
-(``DiffFlow(backend="mine")``), the CLI (``--backend mine``) and ``DIFFFLOW_BACKEND`` can then select,
+(``DiffFlow(backend="mine")``) and ``DIFFFLOW_BACKEND`` can then select,
 and that ``available_backends()`` reports; ``preferred=True`` also puts it first for ``"auto"`` on its
 devices. :func:`unregister` removes it again.
 """
