@@ -59,7 +59,7 @@ torch.set_num_threads(1)
 import diffflow_ext  # noqa: E402,F401
 from diffflow_ext import cli  # noqa: E402
 
-CLEAN_API_ERRORS: tuple[type, ...] = (ValueError, TypeError)
+CLEAN_API_ERRORS: tuple[type, ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 try:  # the library's own error classes
     from diffflow_ext.checkpoint import CheckpointError
     from diffflow_ext.data import DataFileError
@@ -1173,6 +1173,50 @@ def build_api_cases() -> None:
 
     api_case("api-op-long-sum-accuracy-ok", long_sum, expect="ok")
 
+    # more of the public API: likelihood, bounds, samplers, data registry, evaluation, networks
+    from diffflow_ext import likelihood as lik
+    from diffflow_ext import samplers as smp
+
+    x4 = torch.randn(4, 2)
+    for kw, words in [({"method": "bogus"}, "method"), ({"num_probes": 0}, "num_probes"), ({"probe": "bogus"}, "probe"),
+                      ({"solver": "bogus"}, "solver"), ({"rtol": -1.0}, "rtol"), ({"atol": float("nan")}, "atol"),
+                      ({"rtol": 0.0, "atol": 0.0}, "tol")]:
+        label = "-".join(f"{k}={v}" for k, v in kw.items())
+        api_case(f"api-log_prob-{label}", (lambda kw: lambda tmp: lik.log_prob(model(), x4, **kw))(kw), words=(words,))
+    for kw, words in [({"num_steps": 0}, "num_steps"), ({"generator": "seed"}, "generator")]:
+        label = "-".join(f"{k}={v}" for k, v in kw.items())
+        api_case(f"api-nll_bound-{label}", (lambda kw: lambda tmp: model().nll_bound(x4, **kw))(kw), words=(words,))
+        api_case(f"api-forward_trajectory-{label}",
+                 (lambda kw: lambda tmp: model().forward_trajectory(x4, **kw))(kw), words=(words,))
+    api_case("api-get_sampler-bogus", lambda tmp: smp.get_sampler("bogus"), words=("bogus",))
+    api_case("api-get_sampler-bad-option", lambda tmp: smp.get_sampler("em", bogus=1), words=("bogus",))
+    api_case("api-sample-heun-lam-nan", lambda tmp: model().sample(4, method="heun", lam=float("nan")), words=("lam",))
+    api_case("api-sample-ode-ok", sample(method="ode"), expect="ok")
+
+    from diffflow_ext import data as dsrc
+
+    api_case("api-get_data_source-bogus", lambda tmp: dsrc.get_data_source("bogus"), words=("bogus",))
+    api_case("api-get_data_source-bad-option", lambda tmp: dsrc.get_data_source("checkerboard", bogus=1),
+             words=("bogus",))
+    api_case("api-get_data_source-mnist-no-dir", lambda tmp: dsrc.get_data_source("mnist"), words=("mnist", "data_dir"))
+    api_case("api-data_source_from_state-garbage", lambda tmp: dsrc.data_source_from_state({"kind": 3}),
+             words=("state", "kind"))
+    api_case("api-load_mnist-missing", lambda tmp: dsrc.load_mnist(tmp / "nope"), words=("nope",))
+
+    from diffflow_ext import evaluation as ev
+    from diffflow_ext.networks import build_network
+
+    api_case("api-evaluate_checkpoint-missing", lambda tmp: ev.evaluate_checkpoint(tmp / "nope"), words=("nope",))
+    api_case("api-sliced_wasserstein-shape", lambda tmp: ev.sliced_wasserstein(torch.randn(5, 2), torch.randn(5, 3)),
+             words=("shape", "dim"))
+    api_case("api-sliced_wasserstein-nan", lambda tmp: _finite_or_silent(ev.sliced_wasserstein(
+        torch.full((5, 2), float("nan")), torch.randn(5, 2))), words=("finite", "nan", "NaN"))
+    api_case("api-build_network-bogus", lambda tmp: build_network("bogus"), words=("bogus",))
+    api_case("api-build_network-bad-kwarg", lambda tmp: build_network("mlp", data_shape=(2,), bogus=1),
+             words=("bogus",))
+    api_case("api-build_network-unet-odd-shape", lambda tmp: build_network("unet", data_shape=(1, 7, 9)),
+             words=("data_shape", "image_size", "7", "9", "shape"))
+
     # data-file loader (API)
     from diffflow_ext.data.files import load_points
 
@@ -1208,6 +1252,13 @@ def build_api_cases() -> None:
 
     api_case("api-load_points-no-content-in-error", etc_passwd_csv, words=("secret.csv",),
              check=None, note="the error must not quote the file's content")
+
+
+def _finite_or_silent(v):
+    t = torch.as_tensor(v, dtype=torch.float64)
+    if not torch.isfinite(t).all():
+        raise _Silent(f"non-finite result {v}")
+    return v
 
 
 class _Silent(Exception):
