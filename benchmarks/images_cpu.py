@@ -57,6 +57,8 @@ CONFIGS: dict[str, dict] = {
                       "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 1.0}},
     "df-mlp-lr3": {**_DF, "lr": 3e-3, "network": "mlp", "network_kwargs": {"hidden": 512, "depth": 3},
                    "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 0.05}},
+    "df-mlp-p05-lr3": {**_DF, "lr": 3e-3, "network": "mlp", "network_kwargs": {"hidden": 512, "depth": 3},
+                       "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 0.05, "prior_std": 0.5}},
     "df-unet": {**_DF, "batch": 128, "network": "unet-digits", "network_kwargs": {},
                 "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 0.05}},
     "maf": {"kind": "flow", "flow": "maf", "flow_kwargs": {"transforms": 5, "hidden": 256, "depth": 2},
