@@ -1487,8 +1487,9 @@ def main(argv=None) -> int:
                 print(c.id, c.argv if c.kind == "cli" else "")
             return 0
 
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            BASE_RUN = make_base_run(root)
+        if any(c.kind == "cli" or c.id.startswith("ckpt-") for c in cases):  # only they use the trained run
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                BASE_RUN = make_base_run(root)
         results: list[Result] = []
         for i, case in enumerate(cases):
             tmp = root / f"c{i:04d}"

@@ -183,3 +183,18 @@ def test_bad_command_line_fails_cleanly_before_writing(tmp_path, monkeypatch, ca
     assert lines[0].startswith("diffflow") and "error" in lines[0], err
     assert any(w in lines[0] for w in words), lines[0]
     assert _tree(tmp_path) == before, "the failed command changed the folder"
+
+
+def test_probe_script_runs_and_its_api_op_cases_are_clean(tmp_path):
+    """Keeps scripts/probe_cli.py working: a fast slice of it (the step ops' argument checks) must run and
+    classify every case as clean; the JSON report names each case."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_cli.py"
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(script), "--only", "api-op-", "--json", str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["results"]) >= 20 and {x["outcome"] for x in res["results"]} == {"clean"}
