@@ -336,6 +336,35 @@ def build_cli_cases() -> None:
     cli_case("train-data-file-in-out", ["train", "mydata/samples.npy", *FAST_N, "--out", "mydata"], setup=data_in_out,
              words=("--out", "mydata", "samples.npy"))
 
+    def run_with_notes(tmp):
+        with_run(tmp)
+        (tmp / "run" / "notes.txt").write_text("the user's notes\n")
+
+    cli_case("train-overwrite-keeps-foreign-files", ["train", "checkerboard", *FAST_N, "--out", "run", "--overwrite"],
+             setup=run_with_notes, expect="either", words=("--out", "--overwrite", "notes.txt"),
+             check=lambda tmp, out: None if (tmp / "run" / "notes.txt").is_file() else "--overwrite deleted notes.txt")
+    CASES[-1].owned = ("run/checkpoint", "run/log", "run/metrics", "run/samples", "run/trajectories")
+
+    def run_with_data(tmp):
+        with_run(tmp)
+        np.save(tmp / "run" / "pts.npy", np.random.default_rng(0).normal(size=(200, 2)))
+
+    cli_case("train-overwrite-data-inside-out", ["train", "run/pts.npy", *FAST_N, "--out", "run", "--overwrite"],
+             setup=run_with_data, expect="either", words=("--out", "pts.npy", "run"),
+             note="--overwrite may replace the old run's outputs, never the data file inside the folder")
+    CASES[-1].owned = ("run/checkpoint", "run/log", "run/metrics", "run/samples", "run/trajectories")
+    cli_case("sample-overwrite-onto-checkpoint", ["sample", "run", "-n", "10", "--png", "none", "--out",
+                                                  "run/checkpoint.safetensors", "--overwrite"],
+             setup=lambda tmp: with_run(tmp), words=("--out", "checkpoint"))
+
+    def dangling_link(tmp):
+        with_run(tmp)
+        os.symlink(tmp / "elsewhere" / "target.npy", tmp / "link.npy")
+
+    cli_case("sample-out-dangling-symlink", ["sample", "run", "-n", "10", "--png", "none", "--out", "link.npy"],
+             setup=dangling_link, expect="either", words=("--out", "link.npy"),
+             check=lambda tmp, out: None if not (tmp / "elsewhere").exists() else "wrote through a dangling symlink")
+
     def ro_dir(tmp):
         (tmp / "ro").mkdir()
         os.chmod(tmp / "ro", 0o500)
