@@ -92,6 +92,24 @@ def test_ctrl_c_before_the_first_step_of_a_new_run_leaves_nothing(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_ctrl_c_during_the_final_save_keeps_a_complete_checkpoint_and_skips_the_evaluation(tmp_path, monkeypatch):
+    import diffflow_ext.training.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_then_interrupt(path, **kw):  # Ctrl-C arrives while the final checkpoint is being written
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(path, **kw)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt)
+    msgs = []
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "iters": 3, "out": str(tmp_path / "r")}), progress=False, log=msgs.append)
+    assert load_checkpoint(tmp_path / "r").step == 3
+    assert not (tmp_path / "r" / "metrics.json").exists()
+    assert any("interrupted (SIGINT) after step 3" in m for m in msgs), msgs
+
+
 def test_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(**{**TINY, "iters": 10, "ckpt_every": 2, "out": str(out)})

@@ -357,6 +357,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     skipped_in_a_row = 0
     gradient_plan = None
     bar = None
+    saved_at = -1
     # from here on files are written: a failure before the first checkpoint removes what this run created
     ctx.on_main(lambda: folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists()))
     folder.file(CHECKPOINT_NAME)
@@ -370,7 +371,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         tb = folder.enable_tensorboard() if cfg.tensorboard else False
         bar = tqdm(total=cfg.iters, initial=min(state.step, cfg.iters), disable=not (progress and ctx.is_main),
                    dynamic_ncols=True, smoothing=0.1, desc="train", file=sys.stderr)
-        with _StopRequest() as stop:
+        with _StopRequest() as stop:  # held through the final save: a Ctrl-C there cannot cut it short
             while state.step < cfg.iters:
                 if ctx.any(stop.requested is not None):
                     interrupted = stop.requested or "a stop request on another process"
@@ -427,6 +428,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                         folder.scalars(step, {k: v for k, v in m.items() if isinstance(v, float)}, prefix="eval")
                 for hook in hooks:
                     hook(state, st)
+            train_seconds = time.perf_counter() - t_start
+            bar.close()
+            if not interrupted:
+                save(ckpt_path)
+                saved_at, have_checkpoint = state.step, True
+                interrupted = stop.requested or False  # a stop request during the final save: skip the evaluation
     except BaseException:
         if bar is not None:
             bar.close()
@@ -434,10 +441,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
             folder.discard()
         folder.close()
         raise
-    bar.close()
     if interrupted:
         if state.step > start_step or have_checkpoint:
-            save(ckpt_path)
+            if saved_at != state.step:
+                save(ckpt_path)
             if ctx.is_main:
                 log(f"interrupted ({interrupted}) after step {state.step}; checkpoint saved to {ckpt_path} "
                     f"(continue with --resume {ckpt_path})")
@@ -447,9 +454,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                 log("interrupted before the first step; nothing was written")
         folder.close()
         raise KeyboardInterrupt
-    train_seconds = time.perf_counter() - t_start
     steps_run = state.step - start_step
-    save(ckpt_path)
     summary: dict[str, Any] = {
         "out": str(out), "checkpoint": str(ckpt_path), "step": state.step, "steps_run": steps_run,
         "train_seconds": round(train_seconds, 3),
