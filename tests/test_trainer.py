@@ -346,3 +346,42 @@ def test_api_resume_refuses_options_that_contradict_the_checkpoint(tmp_path):
     s = train(TrainConfig(**{**TINY, "iters": 4, "eval_seed": 7}), resume=str(tmp_path / "r"), progress=False,
               final_eval=False, log=lambda s: None)
     assert s["step"] == 4 and load_checkpoint(s["checkpoint"]).extra["train_config"]["eval_seed"] == 7
+
+
+@pytest.mark.parametrize("schedule,warmup", [("step", 0), ("step", 3), ("cosine", 0), ("cosine", 4), ("constant", 2)])
+def test_learning_rate_schedules(schedule, warmup):
+    """The LR of every step against the closed form (warm-up, then step decay / cosine / constant)."""
+    from diffflow_ext.training.loop import build_scheduler
+
+    kw = dict(lr=0.1, lr_schedule=schedule, lr_warmup=warmup, iters=12)
+    if schedule == "step":
+        kw.update(lr_decay=0.5, lr_decay_every=3)
+    cfg = TrainConfig(**{**TINY, **kw})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt)
+    got = []
+    for _ in range(cfg.iters):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for it, lr in enumerate(got):
+        f = min(1.0, (it + 1) / warmup) if warmup else 1.0
+        k = max(0, it - warmup)
+        if schedule == "step":
+            f *= 0.5 ** (k // 3)
+        elif schedule == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * k / (12 - warmup)))
+        assert lr == pytest.approx(0.1 * f, rel=1e-12, abs=1e-15), (it, lr, 0.1 * f)
+    if warmup:
+        assert got[0] == pytest.approx(0.1 / warmup) and got[warmup - 1] == pytest.approx(0.1)
+
+
+def test_warmup_cosine_run_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    """The cosine horizon is --iters: a run of 6 steps interrupted after 3 and resumed to 6 equals 6 in one go."""
+    full = _run(tmp_path, "full", iters=6, lr_schedule="cosine", lr_warmup=2)
+    cfg = TrainConfig(**{**TINY, "iters": 6, "lr_schedule": "cosine", "lr_warmup": 2, "out": str(tmp_path / "part")})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, final_eval=False, log=lambda s: None, hooks=[_SignalDuringStep(2)])
+    assert load_checkpoint(tmp_path / "part").step == 3
+    res = train(cfg, resume=str(tmp_path / "part"), progress=False, final_eval=False, log=lambda s: None)
+    _assert_same_checkpoint(full["checkpoint"], res["checkpoint"])

@@ -125,12 +125,38 @@ def noise_generators(cfg: TrainConfig, shards: list[int], device: torch.device) 
             for k in shards}
 
 
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``it`` optimizer steps: linear warm-up over ``lr_warmup`` steps, then
+    ``lr_schedule`` over the remaining steps (step: ``lr_decay`` every ``lr_decay_every``; cosine: to 0 at
+    ``iters``; constant)."""
+    warm, kind = int(cfg.lr_warmup), cfg.lr_schedule
+
+    def factor(it: int) -> float:
+        f = min(1.0, (it + 1) / warm) if warm else 1.0
+        k = max(0, it - warm)
+        if kind == "step" and cfg.lr_decay_every:
+            f *= cfg.lr_decay ** (k // cfg.lr_decay_every)
+        elif kind == "cosine":
+            f *= 0.5 * (1.0 + math.cos(math.pi * min(k, max(1, cfg.iters - warm)) / max(1, cfg.iters - warm)))
+        return f
+
+    return factor
+
+
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
+    """The LR scheduler of a run: plain step decay as ``StepLR`` (the default), anything else as ``LambdaLR``
+    over :func:`lr_factor`."""
+    if cfg.lr_schedule == "step" and not cfg.lr_warmup:
+        step_size = max(1, cfg.lr_decay_every) if cfg.lr_decay_every else 10**12
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=cfg.lr_decay)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+
+
 def build_state(cfg: TrainConfig, data, ctx: DistContext, shards: list[int]) -> TrainState:
     """Model, optimizer, LR schedule, EMA, grad scaler and generators of a new run on ``data``."""
     model = build_model(cfg, data.shape, ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step_size = max(1, cfg.lr_decay_every) if cfg.lr_decay_every else 10**12
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=cfg.lr_decay)
+    sched = build_scheduler(cfg, opt)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None
     return TrainState(model=model, optimizer=opt, scheduler=sched, ema=ema,
