@@ -8,9 +8,9 @@ builds ``diffflow train`` from it, so nothing is restated by hand. Validation re
 in a :class:`ConfigError` whose issues name the fields involved (the CLI turns them into the flags the user
 typed).
 
-Defaults come in three layers: the dataclass defaults < ``PRESETS[kind]`` for the kind of data
-(``"points"``: 2-D toys and point files, ``"tabular"``, ``"image"``) < what the user set
-(:func:`resolve_config`).
+Defaults come in four layers: the dataclass defaults < ``PRESETS[kind]`` for the kind of data
+(``"points"``: 2-D toys and point files, ``"tabular"``, ``"image"``) < ``SOURCE_PRESETS[name]`` for one
+registered data source < what the user set (:func:`resolve_config`).
 """
 
 from __future__ import annotations
