@@ -132,6 +132,9 @@ class _CheckpointedLoss(torch.autograd.Function):
         N, b = walk.num_steps, walk.backend
         dt, g = walk.dt, walk.g
         grads: list[Tensor | None] = [None] * len(params)
+        index = {id(p): k for k, p in enumerate(params)}
+        groups = [[index[id(p)] for p in net.parameters() if id(p) in index] if isinstance(net, torch.nn.Module)
+                  else [] for net in (walk.drift, walk.score)]
         w = w.detach()
         zeros = torch.zeros_like(xs[0])
         adj_next, adj_direct = zeros, zeros
@@ -156,20 +159,22 @@ class _CheckpointedLoss(torch.autograd.Function):
                 if i == N:  # the prior's gradient enters at x_N
                     (gp,) = torch.autograd.grad(walk.prior_nll(x), x, w.to(cot_x.dtype))
                     adj.add_(gp)
-                outs = [(f, cot_f)] + ([(s, cot_s)] if i > 0 else [])
-                outs = [(o, c) for o, c in outs if o.requires_grad]  # a fixed network's output has no graph
-                if outs:
-                    got = torch.autograd.grad([o for o, _ in outs], (x, *params), [c for _, c in outs],
-                                              allow_unused=True)
+                # one VJP per network, so that only one network's fresh parameter grads exist next to the
+                # running sums (accumulated in place) -- the lowest peak; a fixed network's output has no graph
+                for out, cot, group in ((f, cot_f, groups[0]), (s, cot_s, groups[1]))[: 2 if i > 0 else 1]:
+                    if not out.requires_grad:
+                        continue
+                    got = torch.autograd.grad(out, (x, *(params[k] for k in group)), cot, allow_unused=True)
                     if got[0] is not None:
                         adj.add_(got[0])
-                    for k, gk in enumerate(got[1:]):
+                    for k, gk in zip(group, got[1:]):
                         if gk is not None:
                             if grads[k] is None:
                                 grads[k] = gk
                             else:
                                 grads[k].add_(gk)
-            del rec, f, s, outs
+                    got = gk = None  # free the fresh grads before the next VJP
+            del rec, f, s
             adj_next = adj
             adj_direct = adj_prev
         # adj_next is now dL/dx_0.
