@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 import diffflow_ext
 from diffflow_ext import DiffFlow
 from diffflow_ext.checkpoint import load_checkpoint
-from diffflow_ext.training import TrainConfig, train
+from diffflow_ext.training import train
+from diffflow_ext.training.config import resolve_config
 
 # where the imported package lives (source tree or site-packages), for subprocesses
 ROOT = Path(diffflow_ext.__file__).resolve().parents[1]
@@ -106,9 +107,11 @@ def test_torchrun_trainer_equals_single_process(tmp_path):
            "-m", "diffflow_ext.train", "checkerboard", "--out", str(tmp_path / "ddp"), *common]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    cfg = TrainConfig(data="checkerboard", out=str(tmp_path / "one"), shards=2, iters=3, dtype="float64", hidden=16,
-                      depth=2, num_steps=4, progressive=None, batch_size=64, grid="flexible", lr=1e-2, ema=0.9,
-                      eval_every=0, final_ode=0, final_samples=1200, seed=5)
+    # the same options as the command line above, with the same per-kind presets the CLI applies
+    cfg = resolve_config("points", dict(
+        data="checkerboard", out=str(tmp_path / "one"), shards=2, iters=3, dtype="float64", hidden=16, depth=2,
+        num_steps=4, progressive=None, batch_size=64, grid="flexible", lr=1e-2, ema=0.9, eval_every=0, final_ode=0,
+        final_samples=1200, seed=5))
     train(cfg, progress=False, final_eval=False)
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors")
     b = load_checkpoint(tmp_path / "one" / "checkpoint.safetensors")

@@ -24,7 +24,8 @@ def test_checkerboard_training_lowers_loss_and_fills_the_support():
             return model.loss(held_out, torch.Generator().manual_seed(2)).item()
 
     before_loss = held_out_loss()
-    before_support = ds.fraction_in_support((model.sample(4000, generator=torch.Generator().manual_seed(1)) * sd + mu).numpy())
+    before = model.sample(4000, generator=torch.Generator().manual_seed(1)) * sd + mu
+    before_support = ds.fraction_in_support(before.numpy())
     for _ in range(400):
         x = (data[torch.randint(0, len(data), (512,), generator=gen)] - mu) / sd
         loss = model.loss(x, gen)
