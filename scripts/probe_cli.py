@@ -110,6 +110,7 @@ def api_case(id, fn, *, words=(), expect="error", setup=None, check=None, timeou
 # ----------------------------------------------------------------------------- fixtures
 
 BASE_RUN: Path | None = None  # a tiny trained run, made once, copied into each case folder that needs it
+IMG_RUN: Path | None = None  # the same for an image data set (sklearn's 8x8 digits, MLP networks)
 
 
 def make_base_run(root: Path) -> Path:
@@ -117,6 +118,16 @@ def make_base_run(root: Path) -> Path:
     rc = cli.main(["train", "checkerboard", *FAST_N, "--out", str(out)])
     if rc != 0 or not (out / "checkpoint.safetensors").is_file():
         raise SystemExit("probe: cannot make the base run")
+    return out
+
+
+def make_img_run(root: Path) -> Path:
+    out = root / "img"
+    rc = cli.main(["train", "digits", "--iters", "2", "-b", "16", "--network", "mlp", "--width", "16", "--depth", "1",
+                   "-N", "3", "--final-samples", "16", "--final-ode", "0", "--eval-every", "0", "--no-progress",
+                   "--out", str(out)])
+    if rc != 0:
+        raise SystemExit("probe: cannot make the image run")
     return out
 
 
@@ -966,6 +977,31 @@ def build_cli_cases() -> None:
                     "ckpt-crafted-data-shape-bad-sample", "ckpt-crafted-data-kind-bogus-sample"):
             c.expect = "ok"
 
+    # crafted image transforms (dequantisation state) on an image run
+    def img_crafted(edit):
+        def setup(tmp):
+            header, data = split_st((IMG_RUN / "checkpoint.safetensors").read_bytes())
+            meta = json.loads(header["__metadata__"]["meta"])
+            edit(meta["extra"]["data"]["transform"])
+            header["__metadata__"]["meta"] = json.dumps(meta)
+            recompute_digest(header, data)
+            (tmp / "bad.safetensors").write_bytes(join_st(header, data))
+        return setup
+
+    for cid, edit, words in [
+        ("levels-0", lambda t: t.update(levels=0), ("levels",)),
+        ("levels-huge", lambda t: t.update(levels=10**12), ("levels",)),
+        ("levels-float", lambda t: t.update(levels=16.5), ("levels",)),
+        ("low-ge-high", lambda t: t.update(low=1.0, high=-1.0), ("low", "high")),
+        ("high-nan", lambda t: t.update(high=float("nan")), ("high",)),
+        ("shape-mismatch", lambda t: t.update(shape=[3, 8, 8]), ("shape",)),
+        ("name-bogus", lambda t: t.update(name="bogus"), ("transform", "bogus")),
+    ]:
+        cli_case(f"img-crafted-{cid}-sample", ["sample", "bad.safetensors", "-n", "4", "--png", "none", "--out",
+                                               "s.npy"], setup=img_crafted(edit), words=words)
+        cli_case(f"img-crafted-{cid}-eval", ["eval", "bad.safetensors", "--n-samples", "8", "--n-nll", "4",
+                                             "--n-ode", "0"], setup=img_crafted(edit), words=words)
+
     def shape_lie(p):
         def edit(h):
             k = next(k for k in h if k.startswith("model/"))
@@ -1516,9 +1552,13 @@ def main(argv=None) -> int:
                 print(c.id, c.argv if c.kind == "cli" else "")
             return 0
 
+        global IMG_RUN
         if any(c.kind == "cli" or c.id.startswith("ckpt-") for c in cases):  # only they use the trained run
             with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                 BASE_RUN = make_base_run(root)
+        if any(c.id.startswith("img-") for c in cases):
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                IMG_RUN = make_img_run(root)
         results: list[Result] = []
         for i, case in enumerate(cases):
             tmp = root / f"c{i:04d}"
