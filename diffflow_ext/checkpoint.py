@@ -578,12 +578,9 @@ class Checkpoint:
 
         cfg = self.model_config
         state = self.model_state(use_ema and self.has_ema)
-        shell_cfg = dict(cfg)
-        if isinstance(shell_cfg.get("diffusion"), list):  # g shapes no weight; its list is validated on CPU below
-            shell_cfg["diffusion"] = 1.0
         try:
             with torch.device("meta"):
-                shell = DiffFlow.from_config(shell_cfg)
+                shell = DiffFlow.from_config(cfg)
         except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError, OverflowError) as e:
             raise CheckpointError(f"{self.path}: invalid model config: {str(e).splitlines()[0][:200]}") from None
         self._fit(state, shell.state_dict(), "weights do not fit the stored model config")
