@@ -88,7 +88,8 @@ def make_args(op, shape, dtype=torch.float32, device="cpu", layout="contiguous",
     """Positional arguments of ``diffflow_ext.ops.<op>`` for a state of ``shape``.
 
     ``layout``: one of contiguous / transposed / sliced / expanded / offset, or "mixed" (a different
-    one per tensor), or "mixed_dense" (the same without expanded). ``scalars``: per_sample / strided / float / 0d / 1elem, or "mixed".
+    one per tensor), or "mixed_dense" (the same without expanded). ``scalars``: per_sample / strided / float /
+    0d / 1elem, or "mixed".
     """
     gen = torch.Generator().manual_seed(seed)
     layouts = ["contiguous", "transposed", "sliced", "expanded"]
@@ -96,7 +97,7 @@ def make_args(op, shape, dtype=torch.float32, device="cpu", layout="contiguous",
         layouts, layout = ["contiguous", "transposed", "sliced", "offset"], "mixed"
     styles = ["per_sample", "strided", "float", "0d", "1elem"]
     args = []
-    for i, (name, kind) in enumerate(_STEP_SPECS[op]):
+    for i, (_name, kind) in enumerate(_STEP_SPECS[op]):
         if kind == "s":
             lay = layouts[i % len(layouts)] if layout == "mixed" else layout
             t = _state(shape, dtype, device, lay, gen)
@@ -113,7 +114,8 @@ def make_args(op, shape, dtype=torch.float32, device="cpu", layout="contiguous",
 
 def reference(op, args):
     """The reference op on the same arguments (dt/g normalised exactly like the public wrappers)."""
-    from diffflow_ext.ops import _checks, reference as R
+    from diffflow_ext.ops import _checks
+    from diffflow_ext.ops import reference as R
 
     names = [n for n, _ in _STEP_SPECS[op]]
     x = args[names.index("x")] if "x" in names else args[0]
