@@ -17,7 +17,9 @@ from .gradients import (
     check_memory_budget,
     checkpointed_loss,
     forward_walk,
+    make_plan,
     resolve_memory_budget,
+    work_bytes,
 )
 from .networks import build_network, build_network_from_config
 from .ops.backends import check_backend_name
@@ -160,6 +162,7 @@ class DiffFlow(nn.Module):
         self.backend = check_backend_name(backend)
         self.grid = _choice("grid", grid, GRIDS)
         self.last_gradient_plan: dict | None = None  # what the last "auto"/"adjoint" loss kept and recomputed
+        self._graph_bytes: dict = {}  # measured graph bytes of one state, per (batch shape, dtype, device, N, mode)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -336,9 +339,23 @@ class DiffFlow(nn.Module):
                 budget = 0.0
             else:
                 budget = resolve_memory_budget(self.memory_budget, x0.device)
+                key = (tuple(x0.shape), x0.dtype, x0.device, walk.num_steps, self.training)
+                keep_all = math.isinf(budget)
+                if not keep_all and self._graph_bytes.get(key):
+                    G = self._graph_bytes[key]
+                    state_bytes = x0.numel() * x0.element_size()
+                    param_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+                    keep_all = (walk.num_steps + 1) * G + work_bytes(G, param_bytes, state_bytes) <= budget
+                if keep_all:  # every graph fits: nothing to recompute, so one autograd pass is the fastest walk
+                    self.last_gradient_plan = make_plan(walk.num_steps + 1, self.checkpoint_schedule, budget,
+                                                        self._graph_bytes.get(key, 0), 0).summary()
+                    return forward_walk(walk, x0, keep_states=False).loss
             info: dict = {}
             loss = checkpointed_loss(walk, x0, budget, self.checkpoint_schedule, info)
-            self.last_gradient_plan = info["plan"].summary()
+            plan = info["plan"]
+            if self.gradient == "auto" and plan.graph_bytes:
+                self._graph_bytes[key] = plan.graph_bytes
+            self.last_gradient_plan = plan.summary()
             return loss
         return forward_walk(walk, x0, keep_states=False).loss
 

@@ -15,6 +15,7 @@ from .memory import (
     check_memory_budget,
     make_plan,
     resolve_memory_budget,
+    work_bytes,
 )
 from .walk import RngSnapshot, Walk, WalkResult, call_network, forward_walk, frozen_running_stats, running_stat_modules
 
@@ -37,4 +38,5 @@ __all__ = [
     "make_plan",
     "resolve_memory_budget",
     "running_stat_modules",
+    "work_bytes",
 ]

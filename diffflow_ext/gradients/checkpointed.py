@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from .memory import Plan, make_plan
+from .memory import Plan, make_plan, work_bytes
 from .walk import RngSnapshot, Walk, forward_walk, frozen_running_stats, running_stat_modules
 
 __all__ = ["checkpointed_loss", "SavedBytes"]
@@ -108,7 +108,7 @@ class _CheckpointedLoss(torch.autograd.Function):
             if plan is None and i == decide_at:
                 state_bytes = x.numel() * x.element_size()
                 param_bytes = sum(p.numel() * p.element_size() for p in params)
-                work = measured[0] // 2 + 2 * param_bytes + 8 * state_bytes
+                work = work_bytes(measured[0], param_bytes, state_bytes)
                 plan = make_plan(N + 1, schedule, budget, measured[0], work)
                 for j in range(i + 1):
                     if not plan.keep[j]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["CHECKPOINT_SCHEDULES", "check_memory_budget", "resolve_memory_budget",
-           "available_memory", "Plan", "make_plan"]
+           "available_memory", "Plan", "make_plan", "work_bytes"]
 
 CHECKPOINT_SCHEDULES = ("end", "uniform")
 
@@ -119,6 +119,12 @@ def _kept_indices(num_states: int, k: int, schedule: str) -> set[int]:
     # uniform: k points evenly over [0, num_states), the last state included
     step = num_states / k
     return {num_states - 1 - int(j * step) for j in range(k)}
+
+
+def work_bytes(graph_bytes: int, param_bytes: int, state_bytes: int) -> int:
+    """What the backward walk needs besides the kept graphs: VJP workspace (half a state's graphs), the running
+    and one fresh set of parameter grads, and the adjoint's state-sized buffers."""
+    return graph_bytes // 2 + 2 * param_bytes + 8 * state_bytes
 
 
 def make_plan(num_states: int, schedule: str, budget_bytes: float, graph_bytes: int, work_bytes: int) -> Plan:
