@@ -35,7 +35,7 @@ import torch
 
 from diffflow_ext.baselines import NSF, dsm_loss, fixed_drift_diffusion, zuko_available
 from diffflow_ext.data import sharp2d, toy2d
-from diffflow_ext.metrics import sliced_wasserstein
+from diffflow_ext.evaluation import sliced_wasserstein
 
 BUILTIN_SHARP = ("checkerboard", "olympic_rings", "four_rings", "2spirals", "sierpinski_carpet", "fractal_tree")
 MODELS = ("diffflow", "fixed-dsm", "fixed-diffflow", "nsf")
