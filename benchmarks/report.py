@@ -72,20 +72,32 @@ def train_tables(doc: dict) -> str:
     for s in settings:
         it = [r for r in recs if r["setting"] == s and r["kind"] == "train_iter"]
         if it:
-            floor = next(r["median_s"] for r in it if r["variant"] == "floor")
-            fused = it[0]["median_s"]
+            base = next((r["median_s"] for r in it if r["variant"].startswith("auto+")), it[0]["median_s"])
+            fnr = next((r["median_s"] for r in it if r["variant"] == "floor-no-recompute"), None)
+            peaks = {r["variant"]: r["peak_bytes"] for r in recs
+                     if r["setting"] == s and r["kind"] == "peak_memory_mode"}
             r0 = it[0]
-            parts += [f"**Training iteration, `{s}`** (D={r0['dim']}, N={r0['num_steps']}, B={r0['batch']})", ""]
-            parts.append(md(["variant", "median ms", "min ms", "vs adjoint+fused", "vs floor"],
+            shape = r0.get("shape", [r0.get("dim")])
+            parts += [f"**Training iteration, `{s}`** (shape={tuple(shape)}, N={r0['num_steps']}, B={r0['batch']})", ""]
+            parts.append(md(["variant", "median ms", "min ms", "x auto", "x floor-no-recompute", "peak MiB"],
                             [[r["variant"], f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.1f}",
-                              f"{r['median_s'] / fused:.2f}", f"{r['median_s'] / floor:.2f}"] for r in it]))
+                              f"{r['median_s'] / base:.2f}", f"{r['median_s'] / fnr:.2f}" if fnr else "",
+                              f"{peaks[r['variant']] / 2**20:.2f}" if r["variant"] in peaks else ""] for r in it]))
             parts.append("")
-        sm = [r for r in recs if r["setting"] == s and r["kind"] == "train_summary"]
-        for r in sm:
-            parts += [f"adjoint+fused: {r['speedup_vs_original']:.2f}x faster than the original design "
-                      f"(target >= 1.4: {'met' if r['speedup_vs_original_met'] else 'MISSED'}), "
-                      f"{r['fused_over_floor']:.2f}x the network floor "
-                      f"(target <= 1.2: {'met' if r['within_floor_met'] else 'MISSED'}).", ""]
+        for r in (r for r in recs if r["setting"] == s and r["kind"] == "train_summary"):
+            if "auto_over_autograd" not in r:
+                continue
+
+            def met(key):
+                return "met" if r[key] else "MISSED"
+            parts += [f"auto (no limit): {r['auto_over_autograd']:.3f}x the fastest autograd "
+                      f"({met('auto_vs_autograd_met')}), {r['auto_speedup_vs_original']:.2f}x faster than the original "
+                      f"({met('auto_vs_original_met')}), {r['auto_over_floor_no_recompute']:.3f}x floor-no-recompute "
+                      f"({met('auto_vs_floor_met')}); auto@budget: budget {r['budget_bytes'] / 2**20:.2f} MiB, keeps "
+                      f"{r['plan']['kept']}/{r['plan']['states']}, peak {r['budget_peak_bytes'] / 2**20:.2f} MiB vs "
+                      f"budget + states {(r['budget_bytes'] + r['states_bytes']) / 2**20:.2f} MiB "
+                      f"({met('budget_peak_met')}); time / auto predicted {r['budget_predicted_ratio']:.3f}, measured "
+                      f"{r['budget_measured_ratio']:.3f}.", ""]
         smp = [r for r in recs if r["setting"] == s and r["kind"] == "sample"]
         if smp:
             parts += [f"**Sampling, `{s}`** (`model.sample({smp[0]['n']})`, Euler-Maruyama, N={smp[0]['num_steps']})",
@@ -99,8 +111,9 @@ def train_tables(doc: dict) -> str:
                       f"{mem[0]['method']})", ""]
             parts.append(md(["gradient", "N", "peak", "stored states", "peak - states"],
                             [[r["gradient"], r["num_steps"], f"{r['peak_bytes'] / 2**20:.2f}",
-                              f"{r['states_bytes'] / 2**20:.2f}" if r["gradient"] != "autograd" else "-",
-                              f"{r['peak_minus_states_bytes'] / 2**20:.2f}" if r["gradient"] != "autograd" else "-"]
+                              f"{r['states_bytes'] / 2**20:.2f}" if r["gradient"] in ("adjoint", "original") else "-",
+                              f"{r['peak_minus_states_bytes'] / 2**20:.2f}"
+                              if r["gradient"] in ("adjoint", "original") else "-"]
                              for r in mem]))
             parts.append("")
         for r in recs:
