@@ -214,7 +214,7 @@ def test_unet_float64_gradcheck():
 
 
 def test_unet_argument_errors():
-    with pytest.raises(ValueError, match=r"attn_resolutions: \[5\] match no level; .* are \[8, 4\]"):
+    with pytest.raises(ValueError, match=r"attn_resolutions: \[5\] match no level of a 8x8 image .* are \[8, 4\]"):
         UNet(1, 8, channel_mult=[1, 2], attn_resolutions=[5])
     with pytest.raises(ValueError, match="dropout: expected a number in \\[0, 1\\)"):
         UNet(1, 8, dropout=1.0)

@@ -23,8 +23,10 @@ class SinusoidalTimeEmbedding(nn.Module):
             raise ValueError(f"dim: expected an even number >= 2, got {dim!r}")
         if not 0 < min_freq <= max_freq:
             raise ValueError(f"min_freq, max_freq: expected 0 < min_freq <= max_freq, got {min_freq!r}, {max_freq!r}")
-        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
+        # from Python numbers (no elementwise op on a new tensor: cheap to build on the meta device)
+        lo, hi, k = math.log(min_freq), math.log(max_freq), dim // 2
+        freqs = [math.exp(lo + i * (hi - lo) / max(k - 1, 1)) for i in range(k)]
+        self.register_buffer("freqs", torch.tensor(freqs, dtype=torch.float32), persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
         arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs

@@ -158,7 +158,9 @@ class UNet(nn.Module):
         unknown = sorted(attn - set(resolutions))
         if unknown:
             raise ValueError(
-                f"attn_resolutions: {unknown} match no level; the feature-map sides of this UNet are {resolutions}"
+                f"attn_resolutions: {unknown} match no level of a {self.image_size[0]}x{self.image_size[1]} image "
+                f"(padded to {self.padded_size[0]}x{self.padded_size[1]}); the feature-map sides of this UNet are "
+                f"{resolutions}: pass attn_resolutions from those, or []"
             )
 
         temb_dim = 4 * ch
