@@ -337,7 +337,7 @@ def _check_writable_dir(path: Path, flag: str) -> None:
 def _refuse_existing(path: Path, flag: str, overwrite: bool) -> None:
     if path.is_dir():
         raise CLIError(f"{flag} {path}: is a folder, expected a file", 1)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # lexists: a dangling symlink is the user's too
         raise CLIError(f"{flag} {path}: file exists; pass --overwrite to replace it", 1)
     _check_writable_dir(path.parent, flag)
 
@@ -596,7 +596,7 @@ def _sample_targets(o: SampleOptions, run_dir: Path, typed: dict[str, str],
             raise CLIError(f"{png_flag} {o.png}: expected a .png (or .pdf/.svg/.jpg) file, or none")
     if png.resolve() == out.resolve():
         raise CLIError(f"{png_flag} {o.png}: the same file as {out_flag}")
-    if o.png is None and png.exists() and not overwrite:
+    if o.png is None and os.path.lexists(png) and not overwrite:
         raise CLIError(f"{png} exists ({flag}); pass --overwrite to replace it, or choose another path", 1)
     _refuse_existing(png, png_flag, overwrite)
     return out, png
@@ -647,6 +647,7 @@ def _cmd_sample(args) -> int:
     transform = _stored_transform(ck)
     device = resolve_device(o.device)
     model = ck.build_model(use_ema=not args.no_ema).to(device)
+    _check_transform_fits(ck, transform, model.data_shape)
     numel = math.prod(model.data_shape)
     if o.n * numel > 2**31:
         raise CLIError(f"{typed.get('n', '-n')} {o.n}: {o.n} samples of {numel} values each exceed 2^31 values; "
@@ -681,6 +682,20 @@ def _cmd_sample(args) -> int:
             msg["picture"] = str(png)
     print(json.dumps(msg, indent=2))
     return 0
+
+
+def _check_transform_fits(ck, transform, data_shape: tuple[int, ...]) -> None:
+    """The stored data transform must map the model's samples (a crafted or mixed-up checkpoint otherwise
+    reshapes or broadcasts them silently)."""
+    import numpy as np
+
+    shape = tuple(getattr(transform, "shape", ()) or ())
+    mean = getattr(transform, "mean", None)
+    numel = math.prod(data_shape)
+    if (shape and shape != tuple(data_shape)) or (mean is not None and int(np.asarray(mean).size) != numel):
+        want = shape if shape else f"{int(np.asarray(mean).size)} values"
+        raise CLIError(f"{ck.path}: the stored data transform (for {want}) does not fit the model's samples of "
+                       f"shape {tuple(data_shape)}", 1)
 
 
 def _stored_transform(ck):

@@ -227,10 +227,14 @@ class DiffFlow(nn.Module):
             missing = [k for k in ("drift", "score", "data_shape") if k not in cfg]
             if missing:
                 raise ValueError(f"model config: missing {', '.join(missing)}")
-            drift = build_network_from_config(cfg.pop("drift"))
-            score = build_network_from_config(cfg.pop("score"))
             shape = cfg.pop("data_shape")
             shape = tuple(shape) if isinstance(shape, (list, tuple)) else shape
+            if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                       for d in shape) or not shape:
+                raise ValueError(f"model config: data_shape: expected a list of positive integers, got {shape!r}")
+            # the networks' stored shape arguments must agree with the model's data shape
+            drift = build_network_from_config(cfg.pop("drift"), shape)
+            score = build_network_from_config(cfg.pop("score"), shape)
             return cls(drift, score, shape, **cfg)
         net = {k: cfg.pop(k) for k in ("dim", "hidden", "depth", "time_dim") if k in cfg}
         if "dim" not in net:

@@ -220,6 +220,15 @@ def test_sample_refuses_existing_files_unless_overwrite(run_dir, tmp_path, capsy
     assert np.load(mine).shape == (10, 2)
 
 
+def test_sample_refuses_a_dangling_symlink(run_dir, tmp_path, capsys):
+    """A symlink whose target does not exist (yet) is the user's file too: never replaced."""
+    link = tmp_path / "link.npy"
+    link.symlink_to(tmp_path / "missing-target.npy")
+    rc, lines = _run(["sample", run_dir, "-n", "10", "--out", link, "--png", "none"], capsys)
+    _one_line_error(rc, lines, flag="--out", code=1)
+    assert link.is_symlink() and not (tmp_path / "missing-target.npy").exists()
+
+
 def test_sample_out_dir_writes_inside(run_dir, tmp_path, capsys):
     d = tmp_path / "folder"
     d.mkdir()

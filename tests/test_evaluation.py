@@ -278,3 +278,17 @@ def test_samplers_without_lambda_and_undecodable_titles(tmp_path):
                          lam=None, method="heun")
     assert res["lam"] is None and res["sampler"] == "heun"
     assert plotting.plot_points(z, tmp_path / "p.png", title="d\udcff.npy: step 2").is_file()
+
+
+def test_sample_distances_refuse_non_finite_points():
+    """A distance of samples holding NaN/inf is no number: a clear error, never a NaN result."""
+    from diffflow_ext.evaluation import sliced_wasserstein, wasserstein2_emd
+
+    a = np.random.default_rng(0).normal(size=(200, 2))
+    assert sliced_wasserstein(a, a) == pytest.approx(0.0, abs=1e-12)
+    for bad_value in (np.nan, np.inf):
+        b = a.copy()
+        b[7, 1] = bad_value
+        for fn in (sliced_wasserstein, wasserstein2_emd):
+            with pytest.raises(ValueError, match="1 of 200 points are not finite"):
+                fn(b, a)

@@ -357,3 +357,16 @@ def test_config_round_trip_for_registered_networks(network, kwargs, shape):
     assert old.gradient == "adjoint" and old.config()["drift"]["name"] == "mlp"
     with pytest.raises(ValueError, match="config: the drift network was not built by"):
         DiffFlow(nn.Identity(), model.score, shape).config()
+
+
+def test_from_config_refuses_a_data_shape_that_contradicts_the_networks():
+    """A (crafted or mixed-up) model config whose data_shape disagrees with the networks' stored shape arguments
+    is refused with the argument named, instead of building a model that fails later in sample/eval."""
+    from diffflow_ext import DiffFlow
+
+    cfg = DiffFlow.mlp(2, hidden=16, depth=1).config()
+    assert DiffFlow.from_config(cfg).data_shape == (2,)
+    with pytest.raises(ValueError, match="dim: network 'mlp' got 2 but the data shape"):
+        DiffFlow.from_config({**cfg, "data_shape": [3]})
+    with pytest.raises(ValueError, match="data_shape"):
+        DiffFlow.from_config({**cfg, "data_shape": [0]})

@@ -18,18 +18,28 @@ def as_points(x) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
+def _finite_points(name: str, x) -> np.ndarray:
+    """``as_points`` that refuses non-finite values (a distance of NaN samples is no number)."""
+    a = as_points(x)
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).any(axis=1).sum())
+        raise ValueError(f"{name}: {bad} of {len(a)} points are not finite (NaN or inf)")
+    return a
+
+
 def sliced_wasserstein(a, b, *, n_projections: int = 500, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance between two point clouds (uniform weights)."""
     import ot
 
-    return float(ot.sliced_wasserstein_distance(as_points(a), as_points(b), n_projections=n_projections, seed=seed))
+    a, b = _finite_points("sliced_wasserstein", a), _finite_points("sliced_wasserstein", b)
+    return float(ot.sliced_wasserstein_distance(a, b, n_projections=n_projections, seed=seed))
 
 
 def wasserstein2_emd(a, b, *, n: int = 1000, seed: int = 0) -> float:
     """Exact W2 (``sqrt(ot.emd2)`` with squared Euclidean cost) between random subsamples of size ``n``."""
     import ot
 
-    a, b = as_points(a), as_points(b)
+    a, b = _finite_points("wasserstein2_emd", a), _finite_points("wasserstein2_emd", b)
     rng = np.random.default_rng(seed)
     a = a[rng.permutation(len(a))[:n]]
     b = b[rng.permutation(len(b))[:n]]

@@ -135,8 +135,9 @@ def build_network(name: str, data_shape: Sequence[int] | int | None = None, **kw
     return net
 
 
-def build_network_from_config(cfg: dict) -> nn.Module:
-    """Rebuild a network from its ``network_config`` (``{"name": ..., "kwargs": {...}}``)."""
+def build_network_from_config(cfg: dict, data_shape: Sequence[int] | None = None) -> nn.Module:
+    """Rebuild a network from its ``network_config`` (``{"name": ..., "kwargs": {...}}``); with ``data_shape``, a
+    stored shape argument that contradicts it is a ValueError (as in :func:`build_network`)."""
     if not isinstance(cfg, dict) or set(cfg) != {"name", "kwargs"} or not isinstance(cfg["kwargs"], dict):
         raise ValueError(f"network config: expected {{'name': str, 'kwargs': dict}}, got {cfg!r}")
-    return build_network(cfg["name"], **cfg["kwargs"])
+    return build_network(cfg["name"], data_shape=data_shape, **cfg["kwargs"])
