@@ -184,3 +184,18 @@ def test_presets_layering(monkeypatch):
     assert (cfg.batch_size, cfg.lr, cfg.ema) == (50, 2e-3, config.TrainConfig().ema)
     assert config.resolve_config("image", {}, "mnist").batch_size == 100
     assert config.resolve_config("points", {}).batch_size == config.TrainConfig().batch_size
+
+
+def test_source_preset_reaches_the_model():
+    """The digits preset's prior std (a model argument) reaches the DiffFlow the trainer builds; other sources keep
+    the unit prior."""
+    from diffflow_ext.training import config
+    from diffflow_ext.training.loop import build_model
+
+    cfg = config.resolve_config("image", {}, "digits")
+    assert (cfg.prior_std, cfg.num_steps, cfg.network) == (0.5, 10, "mlp")
+    import torch
+
+    model = build_model(cfg, (1, 8, 8), torch.device("cpu"))
+    assert model.prior_std == 0.5 and model.num_steps == 10
+    assert config.resolve_config("points", {}).prior_std == 1.0

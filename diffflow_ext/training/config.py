@@ -286,6 +286,8 @@ class TrainConfig:
     t_end: float = option(0.05, "last time of the grid (> --t-start)", range=Range(0, 1e3, lo_open=True))
     time_exponent: float = option(0.9, "grid exponent e: linspace(t_start^e, t_end^e)^(1/e)",
                                   range=Range(0, 100, lo_open=True))
+    prior_std: float = option(1.0, "standard deviation of the Gaussian prior p_B(x_N) (model space)",
+                              range=Range(0, 1e3, lo_open=True))
     network: str = option("mlp", "network of the drift and the score (a registered name)", choices=_network_names)
     network_options: dict = option({}, "an argument of the network, e.g. base_width=32 (see the network's "
                                         "docs); repeatable", flags=("--network-option",), metavar="KEY=VALUE",
@@ -428,9 +430,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: Defaults of one registered data source over those of its kind (e.g. the network for MNIST); same rules.
 #: U owns the image entries.
 SOURCE_PRESETS: dict[str, dict[str, Any]] = {
-    "digits": {},
-    "mnist": {},
-    "cifar10": {},
+    # CPU-sized (target <= 15 CPU-minutes); chosen by U on the digits validation split at a 1.5 CPU-minute budget
+    # (docs/images.md): MLP 3x512, N=10, g=1, prior std 0.5, batch 64, lr 3e-3
+    "digits": {"network": "mlp", "hidden": 512, "depth": 3, "num_steps": 10, "diffusion": 1.0, "t_end": 0.05,
+               "prior_std": 0.5, "batch_size": 64, "lr": 3e-3, "iters": 6500, "clip": 1.0},
+    # the paper's image setting (GPU): UNets at about half DDPM width, g=1, T=0.05
+    "mnist": {"network": "unet-mnist", "diffusion": 1.0},
+    "cifar10": {"network": "unet-cifar10", "diffusion": 1.0},
 }
 
 
