@@ -18,6 +18,7 @@ from .gradients import (
     checkpointed_loss,
     forward_walk,
     make_plan,
+    measure_graph_bytes,
     resolve_memory_budget,
     work_bytes,
 )
@@ -345,7 +346,11 @@ class DiffFlow(nn.Module):
                 budget = resolve_memory_budget(self.memory_budget, x0.device)
                 key = (tuple(x0.shape), x0.dtype, x0.device, walk.num_steps, self.training)
                 keep_all = math.isinf(budget)
-                if not keep_all and self._graph_bytes.get(key):
+                if not keep_all and budget > 0:
+                    # measured by a traceless call (not by the first training call), so that the choice of walk
+                    # depends only on the shapes: a resumed run takes the same walk, bitwise, as an uninterrupted one
+                    if key not in self._graph_bytes:
+                        self._graph_bytes[key] = measure_graph_bytes(walk, x0)
                     G = self._graph_bytes[key]
                     state_bytes = x0.numel() * x0.element_size()
                     param_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
@@ -357,8 +362,6 @@ class DiffFlow(nn.Module):
             info: dict = {}
             loss = checkpointed_loss(walk, x0, budget, self.checkpoint_schedule, info)
             plan = info["plan"]
-            if self.gradient == "auto" and plan.graph_bytes:
-                self._graph_bytes[key] = plan.graph_bytes
             self.last_gradient_plan = plan.summary()
             return loss
         return forward_walk(walk, x0, keep_states=False).loss

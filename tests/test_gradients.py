@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -278,6 +279,8 @@ def test_autocast_recomputation_runs_under_the_first_pass_autocast(gradient, bud
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     model.autocast_dtype = None
+    model.gradient = gradient
+    model.loss(x0, torch.Generator().manual_seed(2))  # "auto" measures a state's graph once per shape, first
     exact = grads("autograd", False)
     for enclosing, option in ((True, None), (False, torch.bfloat16)):
         model.autocast_dtype = option
@@ -287,3 +290,21 @@ def test_autocast_recomputation_runs_under_the_first_pass_autocast(gradient, bud
         assert 0 < recomputed and len(seen) == 7 + recomputed and set(seen) == {torch.bfloat16}
         err, ref_err = (got - exact).norm() / exact.norm(), (ref - exact).norm() / exact.norm()
         assert 0 < ref_err < 0.05 and err <= 2 * ref_err, (err, ref_err)
+
+
+def test_auto_takes_the_same_walk_on_its_first_call_as_on_later_ones():
+    """The walk "auto" takes depends only on the shapes and the budget, not on earlier calls: a model that has
+    trained a step and a fresh copy of it (as after a resume) give bitwise equal gradients."""
+    torch.manual_seed(0)
+    model = DiffFlow.mlp(2, hidden=16, depth=2, num_steps=6, gradient="auto", memory_budget=2**30)
+    x = torch.randn(64, 2)
+    model.loss(x, torch.Generator().manual_seed(1)).backward()  # the first call: measures, then plans
+    fresh = copy.deepcopy(model)
+    fresh._graph_bytes.clear()  # as a model rebuilt from a checkpoint
+    grads = []
+    for m in (model, fresh):
+        m.zero_grad()
+        m.loss(x, torch.Generator().manual_seed(2)).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert model.last_gradient_plan == fresh.last_gradient_plan
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -10,12 +10,11 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from _guards import no_hang
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,18 +25,6 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@contextmanager
-def no_hang(seconds: int = 20):
-    def boom(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _error(path, *, match: str | None = None, **kw) -> str:

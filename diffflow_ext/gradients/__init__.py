@@ -7,7 +7,7 @@
   (:mod:`.memory`); the step math stays fused (``ops.adjoint_step``) in both.
 """
 
-from .checkpointed import SavedBytes, checkpointed_loss
+from .checkpointed import SavedBytes, checkpointed_loss, measure_graph_bytes
 from .memory import (
     CHECKPOINT_SCHEDULES,
     Plan,
@@ -22,6 +22,7 @@ from .walk import RngSnapshot, Walk, WalkResult, call_network, forward_walk, fro
 GRADIENT_MODES = ("auto", "adjoint", "autograd")
 
 __all__ = [
+    "measure_graph_bytes",
     "GRADIENT_MODES",
     "CHECKPOINT_SCHEDULES",
     "Plan",

@@ -24,7 +24,7 @@ from .. import ops
 from .memory import Plan, make_plan, work_bytes
 from .walk import RngSnapshot, Walk, forward_walk, frozen_running_stats, running_stat_modules
 
-__all__ = ["checkpointed_loss", "SavedBytes"]
+__all__ = ["checkpointed_loss", "SavedBytes", "measure_graph_bytes"]
 
 
 class SavedBytes:
@@ -66,6 +66,22 @@ def _storage_ptrs(tensors) -> set[int]:
         except (RuntimeError, NotImplementedError):
             pass
     return out
+
+
+def measure_graph_bytes(walk: Walk, x0: Tensor) -> int:
+    """Bytes autograd saves for one state's network calls (drift and score at state ``min(1, N)``), measured on a
+    throw-away call that leaves no trace: the RNG is restored and running statistics are untouched, so a
+    decision taken from it is a function of the call's shapes alone (the same before and after a resume)."""
+    nets = [walk.drift] if walk.score is walk.drift else [walk.drift, walk.score]
+    exclude = _storage_ptrs(p for net in nets for p in list(net.parameters()) + list(net.buffers()))
+    x = x0.detach().requires_grad_(True)
+    with RngSnapshot(x.device).restored(), frozen_running_stats(running_stat_modules(nets)):
+        with torch.enable_grad(), SavedBytes(exclude | _storage_ptrs([x0])) as counter:
+            outs = walk.networks(x, min(1, walk.num_steps))
+        for out in outs:
+            if out is not None:
+                counter.add(out)
+    return counter.total
 
 
 class _CheckpointedLoss(torch.autograd.Function):
