@@ -80,3 +80,14 @@ def test_batches_are_drawn_on_the_training_device_in_model_space(data):
     assert x.dtype == torch.float64 and tuple(x.shape) == (16, *src.shape)
     if data == "digits":
         assert float(x.min()) >= -1 and float(x.max()) <= 1
+
+
+def test_periodic_evaluation_watches_the_validation_split(tmp_path):
+    """Curves that users pick iterations or early stopping from are drawn on the validation split where the
+    source has one (digits: 180 validation images); the final metrics stay on the test split."""
+    kw = dict(IMG, data="digits", eval_every=2, eval_samples=16)
+    s = train(TrainConfig(**kw, iters=3, out=str(tmp_path / "v")), **_quiet())
+    evals = [json.loads(line)["eval"] for line in (tmp_path / "v" / "log.jsonl").read_text().splitlines()
+             if "eval" in json.loads(line)]
+    assert [e["split"] for e in evals] == ["val"] and evals[0]["nelbo_n"] == 180
+    assert s["metrics"]["split"] == "test"

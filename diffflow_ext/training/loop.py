@@ -444,10 +444,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters and ctx.is_main:
                     from ..evaluation import evaluate_model
 
-                    m = evaluate_model(eval_model(), data, n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
+                    # periodic evaluations watch the validation split where the source has one, so that choices
+                    # made from the curve (iterations, early stopping) never look at the test split
+                    m = evaluate_model(eval_model(), data, split="val" if "val" in data.splits else "test",
+                                       n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
                                        ode=False, seed=cfg.eval_seed, lam=cfg.eval_lam, fid=False)
                     keys = ("nelbo_nats", "nelbo_bits_per_dim", "sliced_wasserstein", "fraction_in_support")
-                    bar.write(f"step {step}: loss {_fmt(loss_ema)} "
+                    bar.write(f"step {step}: loss {_fmt(loss_ema)} [{m.get('split', 'test')}] "
                               + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
                     folder.log({"step": step, "eval": m})
                     if tb:
