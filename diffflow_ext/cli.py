@@ -687,15 +687,9 @@ def _cmd_sample(args) -> int:
 def _check_transform_fits(ck, transform, data_shape: tuple[int, ...]) -> None:
     """The stored data transform must map the model's samples (a crafted or mixed-up checkpoint otherwise
     reshapes or broadcasts them silently)."""
-    import numpy as np
-
-    shape = tuple(getattr(transform, "shape", ()) or ())
-    mean = getattr(transform, "mean", None)
-    numel = math.prod(data_shape)
-    if (shape and shape != tuple(data_shape)) or (mean is not None and int(np.asarray(mean).size) != numel):
-        want = shape if shape else f"{int(np.asarray(mean).size)} values"
-        raise CLIError(f"{ck.path}: the stored data transform (for {want}) does not fit the model's samples of "
-                       f"shape {tuple(data_shape)}", 1)
+    if not transform.fits(data_shape):
+        raise CLIError(f"{ck.path}: the stored data transform ({transform.name}) does not fit the model's samples "
+                       f"of shape {tuple(data_shape)}", 1)
 
 
 def _stored_transform(ck):

@@ -118,6 +118,10 @@ class Transform:
     def state(self) -> dict:
         return {"name": self.name}
 
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether this transform maps samples of ``shape`` (one sample, model space)."""
+        return True
+
     @staticmethod
     def from_state(s: dict) -> "Transform":
         """Rebuild a transform from :meth:`state`, type- and range-checking every stored value."""
@@ -172,6 +176,9 @@ class Standardize(Transform):
     """Per-dimension affine map ``z = (x - mean) / std`` (points, tabular); ``log_det = -sum(log std)``."""
 
     name = "standardize"
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        return len(self.mean) == math.prod(shape)
 
     def __init__(self, mean, std):
         self.mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
@@ -234,6 +241,9 @@ class Dequantize(Transform):
     @property
     def dim(self) -> int:
         return math.prod(self.shape)
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        return self.shape == tuple(shape)
 
     def to_model(self, x: Any, generator: Any = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
         x = _as_tensor(x)
@@ -610,8 +620,7 @@ def data_source_from_state(state: dict, *, data_dir: str | os.PathLike | None = 
         raise DataSourceError(f"stored data state: kind {kind} / shape {shape} do not match the data "
                               f"({src.kind} / {src.shape})")
     if transform is not None:
-        if isinstance(transform, Standardize) and len(transform.mean) != src.dim or \
-                isinstance(transform, Dequantize) and transform.shape != src.shape:
+        if not transform.fits(src.shape):
             raise DataSourceError(f"stored data state: the transform does not fit samples of shape {src.shape}")
         src.transform = transform
     return src
