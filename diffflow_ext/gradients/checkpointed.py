@@ -68,12 +68,23 @@ def _storage_ptrs(tensors) -> set[int]:
     return out
 
 
+def _networks(walk: Walk) -> list:
+    """The walk's distinct networks (drift and score may be one module)."""
+    return [walk.drift] if walk.score is walk.drift else [walk.drift, walk.score]
+
+
+def _own_storage(nets: list) -> set[int]:
+    """Storages of the networks' parameters and buffers: they exist anyway, so graphs are not charged for them."""
+    return _storage_ptrs(p for net in nets if isinstance(net, torch.nn.Module)
+                         for p in list(net.parameters()) + list(net.buffers()))
+
+
 def measure_graph_bytes(walk: Walk, x0: Tensor) -> int:
     """Bytes autograd saves for one state's network calls (drift and score at state ``min(1, N)``), measured on a
     throw-away call that leaves no trace: the RNG is restored and running statistics are untouched, so a
     decision taken from it is a function of the call's shapes alone (the same before and after a resume)."""
-    nets = [walk.drift] if walk.score is walk.drift else [walk.drift, walk.score]
-    exclude = _storage_ptrs(p for net in nets for p in list(net.parameters()) + list(net.buffers()))
+    nets = _networks(walk)
+    exclude = _own_storage(nets)
     x = x0.detach().requires_grad_(True)
     with RngSnapshot(x.device).restored(), frozen_running_stats(running_stat_modules(nets)):
         with torch.enable_grad(), SavedBytes(exclude | _storage_ptrs([x0])) as counter:
@@ -89,7 +100,7 @@ class _CheckpointedLoss(torch.autograd.Function):
     def forward(ctx, walk: Walk, x0: Tensor, options: dict, *params: Tensor) -> Tensor:
         N = walk.num_steps
         budget, schedule = options["budget_bytes"], options["schedule"]
-        nets = [walk.drift] if walk.score is walk.drift else [walk.drift, walk.score]
+        nets = _networks(walk)
         kept: list[tuple[Tensor, Tensor, Tensor | None] | None] = [None] * (N + 1)
         rngs: list[RngSnapshot | None] = [None] * (N + 1)
         plan: Plan | None = None
@@ -98,7 +109,7 @@ class _CheckpointedLoss(torch.autograd.Function):
         elif math.isinf(budget):
             plan = make_plan(N + 1, schedule, budget, 0, 0)
         decide_at = min(1, N)  # undecided states (0 and 1) keep a graph, an RNG snapshot and measure it
-        exclude = _storage_ptrs(p for net in nets for p in list(net.parameters()) + list(net.buffers()))
+        exclude = _own_storage(nets)
         measured = [0]
 
         def on_state(i: int, x: Tensor):
@@ -202,7 +213,7 @@ def checkpointed_loss(walk: Walk, x0: Tensor, budget_bytes: float, schedule: str
     """Per-sample loss ``(B,)`` whose backward runs the backward walk, keeping the networks' graphs for as many
     states as ``budget_bytes`` allows (0: the stochastic adjoint; ``inf``: every graph kept). ``info``, when
     given, receives the plan under ``"plan"``."""
-    nets = [walk.drift] if walk.score is walk.drift else [walk.drift, walk.score]
+    nets = _networks(walk)
     seen, params = set(), []
     for net in nets:
         for p in (net.parameters() if isinstance(net, torch.nn.Module) else ()):
