@@ -1,5 +1,6 @@
 """The generated sharp 2-D family: exact membership, exact distance, exact entropy (checked by Monte Carlo)."""
 
+import json
 import math
 
 import numpy as np
@@ -134,3 +135,33 @@ def test_short_default_training_on_a_generated_set_lands_most_samples_inside(tmp
     samples = np.load(tmp_path / "run" / "samples.npy")
     inside = ds.contains(samples).mean()
     assert inside > 0.5, inside
+
+
+def test_generated_sets_are_data_sources_for_train_sample_and_eval(tmp_path, capsys):
+    """``diffflow train sharp_N`` (any seed, registered on first use), then ``sample`` and ``eval`` of that run in
+    a registry that has never seen the name (as in a new process); unknown names still fail with the list."""
+    from diffflow_ext.cli import main
+    from diffflow_ext.data import base, get_data_source
+
+    src = get_data_source("SHARP_1003")
+    ds = sharp2d.generate(1003)
+    x = src.heldout(500).numpy()
+    assert src.kind == "points" and src.name == "sharp_1003" and ds.contains(x).all()
+    assert "sharp_1003" not in base.data_source_names()  # the family is listed once, as sharp_SEED
+    with pytest.raises(base.UnknownDataSourceError, match="sharp_SEED"):
+        get_data_source("sharp_12x")
+    out = tmp_path / "run"
+    tiny = ["--iters", "3", "--batch-size", "64", "--hidden", "8", "--depth", "1", "-N", "3", "--final-samples",
+            "300", "--final-ode", "20", "--eval-every", "0", "--no-progress"]
+    assert main(["train", "sharp_1003", "--out", str(out), *tiny]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert 0 <= saved["fraction_in_support"] <= 1 and saved["fraction_in_support_heldout"] == 1.0
+    for key in ("sharp_1003",):
+        base.DATA_SOURCES.pop(key)
+        base._GENERATED.discard(key)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--n-samples", "300", "--n-ode", "0", "--n-nll", "50"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["data"] == "sharp_1003" and 0 <= res["fraction_in_support"] <= 1
+    assert main(["sample", str(out), "-n", "50", "--out", str(tmp_path / "s.npy"), "--png", "none"]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (50, 2)

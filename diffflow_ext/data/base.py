@@ -449,6 +449,18 @@ class _Entry:
 
 DATA_SOURCES: dict[str, _Entry] = {}
 _ALIASES: dict[str, str] = {}
+#: families of names (``"sharp_SEED"`` -> resolver): ``resolver(key)`` registers ``key`` when it names a member of
+#: the family, on first use (a family is unbounded, so it cannot be registered up front)
+_NAME_RESOLVERS: dict[str, Callable[[str], bool]] = {}
+_GENERATED: set[str] = set()  # keys registered by a resolver (not listed among the names)
+
+
+def _source_key(spec: str) -> str:
+    """The registry key of a name (aliases and name families resolved, the family member registered)."""
+    key = _ALIASES.get(spec.lower(), spec.lower())
+    if key not in DATA_SOURCES and any(resolve(key) for resolve in _NAME_RESOLVERS.values()):
+        _GENERATED.add(key)
+    return key
 
 
 def register_data_source(name: str, *, kind: str, help: str = "", needs_dir: bool = False,
@@ -473,7 +485,7 @@ def register_data_source(name: str, *, kind: str, help: str = "", needs_dir: boo
 
 def data_source_names(kind: str | None = None) -> list[str]:
     """Registered names (optionally of one kind), for help texts and CLI choices."""
-    return [k for k, e in DATA_SOURCES.items() if kind is None or e.kind == kind]
+    return [k for k, e in DATA_SOURCES.items() if (kind is None or e.kind == kind) and k not in _GENERATED]
 
 
 _POINT_EXT = (".csv", ".txt", ".tsv")
@@ -521,7 +533,7 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
     s = os.path.expanduser(str(spec))
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
-    key = _ALIASES.get(s.lower(), s.lower())
+    key = _source_key(s)
     if key in DATA_SOURCES and not (Path(s).exists() and _looks_like_path(s) and os.sep in s):
         e = DATA_SOURCES[key]
         if e.needs_dir and data_dir is None:
@@ -542,7 +554,7 @@ def get_data_source(spec: str, *, data_dir: str | os.PathLike | None = None, see
         if Path(s).is_file():
             src.info["file_sha256"] = file_sha256(s)
         return src
-    names = ", ".join(sorted(DATA_SOURCES))
+    names = ", ".join([*sorted(data_source_names()), *_NAME_RESOLVERS])
     raise UnknownDataSourceError(f"unknown data source {s!r}: not a file, and not one of: {names}")
 
 
@@ -552,7 +564,7 @@ def data_source_options(spec: str) -> list[str] | None:
     from . import sources
 
     s = str(spec)
-    key = _ALIASES.get(s.lower(), s.lower())
+    key = _source_key(s)
     if key in DATA_SOURCES and not (Path(s).exists() and os.sep in s):
         return _option_names(DATA_SOURCES[key].factory)
     return sources.path_options(s)

@@ -6,13 +6,22 @@ Image sources live in :mod:`.images`, tabular sets in :mod:`.tabular`; importing
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import toy2d
-from .base import _ALIASES, DataSource, DataSourceError, Standardize, _check_options, register_data_source
+from .base import (
+    _ALIASES,
+    _NAME_RESOLVERS,
+    DataSource,
+    DataSourceError,
+    Standardize,
+    _check_options,
+    register_data_source,
+)
 from .files import DataFileError, check_regular_file, load_points
 
 __all__ = ["ToySource", "points_source", "source_from_path", "path_options"]
@@ -32,16 +41,23 @@ class ToySource(DataSource):
         return torch.from_numpy(self.toy.sample_numpy(int(n), rng))
 
 
-def _register_toy(name: str) -> None:
-    toy = toy2d.DATASETS[name]
-
+def _register_toy(name: str, toy: toy2d.Toy2D) -> None:
     @register_data_source(name, kind="points", help=toy.description)
     def _factory(*, data_dir=None, seed: int = 0) -> DataSource:
         return ToySource(toy, seed=seed)
 
 
+def _resolve_generated(key: str) -> bool:
+    """Register ``sharp_SEED`` (the generated sharp family, :mod:`.sharp2d`) on first use."""
+    if not re.fullmatch(r"sharp_\d{1,9}", key):
+        return False
+    _register_toy(key, toy2d.get(key))
+    return True
+
+
 for _n in toy2d.DATASETS:
-    _register_toy(_n)
+    _register_toy(_n, toy2d.DATASETS[_n])
+_NAME_RESOLVERS["sharp_SEED"] = _resolve_generated
 for _a, _t in getattr(toy2d, "_ALIASES", {}).items():
     _ALIASES.setdefault(_a, _t)
 
