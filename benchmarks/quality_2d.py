@@ -40,6 +40,7 @@ from diffflow_ext.evaluation import sliced_wasserstein
 BUILTIN_SHARP = ("checkerboard", "olympic_rings", "four_rings", "2spirals", "sierpinski_carpet", "fractal_tree")
 MODELS = ("diffflow", "fixed-dsm", "fixed-diffflow", "nsf")
 STEPS = (5, 10, 20, 30)
+STEP_LAMS = (0.0, 1.0)  # samplers of the steps mode: probability-flow ODE and the backward SDE
 
 
 # ----------------------------------------------------------------------------- data
@@ -278,10 +279,11 @@ def steps_plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for model in sorted({r["model"] for r in rows}):
+    for model, lam in sorted({(r["model"], r["lam"]) for r in rows}):
         for k, key in enumerate(("fraction_in_support", "sliced_wasserstein")):
-            med = [np.median([r[key] for r in rows if r["model"] == model and r["num_steps"] == n]) for n in STEPS]
-            axes[k].plot(STEPS, med, "o-", label=model)
+            med = [np.median([r[key] for r in rows if (r["model"], r["lam"], r["num_steps"]) == (model, lam, n)])
+                   for n in STEPS]
+            axes[k].plot(STEPS, med, "o-" if lam == 0 else "s--", label=f"{model}, lam {lam:g}")
             axes[k].set_xlabel("sampling steps N")
             axes[k].set_ylabel(f"median {key}")
     axes[0].legend()
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write all rows and the summary to this file")
     ap.add_argument("--sheet", default=None, help="contact-sheet PNG (quality mode)")
     ap.add_argument("--plot", default=None, help="quality-vs-N PNG (steps mode)")
+    ap.add_argument("--save-samples", default=None, metavar="NPZ",
+                    help="write each model's samples (data units) to this .npz as SET/MODEL (quality mode)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -348,24 +352,29 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
             else:
                 for n in STEPS:
-                    z = draw(model, args.samples, args.seed + 1, num_steps=n, lam=info.get("eval_lam", 1.0))
-                    x = data.x(z)
-                    ok = np.isfinite(x).all(1)
-                    rows.append({"set": s, "model": m, "num_steps": n, "cpu_seconds": info["cpu_seconds"],
-                                 "fraction_in_support": float(data.ds.contains(np.where(ok[:, None], x, 1e9)).mean()),
-                                 "sliced_wasserstein": sliced_wasserstein(x[ok], data.test, seed=args.seed)})
-                    print(f"{s} {m} N={n}: in support {rows[-1]['fraction_in_support']:.3f}", file=sys.stderr,
-                          flush=True)
+                    for lam in STEP_LAMS:  # each model at the probability-flow ODE and at its backward SDE
+                        z = draw(model, args.samples, args.seed + 1, num_steps=n, lam=lam)
+                        x = data.x(z)
+                        ok = np.isfinite(x).all(1)
+                        inside = float(data.ds.contains(np.where(ok[:, None], x, 1e9)).mean())
+                        rows.append({"set": s, "model": m, "num_steps": n, "lam": lam,
+                                     "cpu_seconds": info["cpu_seconds"], "iters": info["iters"],
+                                     "fraction_in_support": inside,
+                                     "sliced_wasserstein": sliced_wasserstein(x[ok], data.test, seed=args.seed)})
+                        print(f"{s} {m} N={n} lam={lam}: in support {inside:.3f}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - wall0
     if args.mode == "quality":
         print_table(rows)
         summary = summarize(rows, sets)
         if args.sheet:
             contact_sheet(rows, sets, models, datas, args.sheet)
+        if args.save_samples:
+            np.savez_compressed(args.save_samples, **{f"{r['set']}/{r['model']}": r["_samples"].astype(np.float32)
+                                                      for r in rows})
     else:
-        summary = {m: {n: float(np.median([r["fraction_in_support"] for r in rows
-                                           if r["model"] == m and r["num_steps"] == n])) for n in STEPS}
-                   for m in models}
+        summary = {f"{m}/lam={lam}": {n: float(np.median([r["fraction_in_support"] for r in rows if r["model"] == m
+                                                          and r["num_steps"] == n and r["lam"] == lam]))
+                                      for n in STEPS} for m in models for lam in STEP_LAMS}
         if args.plot:
             steps_plot(rows, args.plot)
     print(json.dumps(summary, indent=2))

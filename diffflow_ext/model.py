@@ -97,7 +97,8 @@ class DiffFlow(nn.Module):
         num_steps: N, the number of Euler-Maruyama steps (1 to 100000).
         t_start, t_end, time_exponent: the fixed grid ``linspace(t_start**e, t_end**e, N+1)**(1/e)``.
         diffusion: g -- a positive float, a sequence of N+1 positive values (one per point of the fixed grid,
-            linearly interpolated in between, e.g. at the points of a flexible grid) or a callable of t
+            linearly interpolated in between, e.g. at the points of a flexible grid), ``{"start": g0, "end": g1}``
+            (geometric in t from g0 at ``t_start`` to g1 at ``t_end``, for any N) or a callable of t
             (without learnable parameters: a learnable g is refused, see docs/math.md).
         prior_std: standard deviation of the Gaussian prior ``p_B(x_N)``.
         gradient: how :meth:`loss` is differentiated (see :mod:`diffflow_ext.gradients`): ``"auto"`` (default:

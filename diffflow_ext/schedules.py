@@ -8,7 +8,7 @@ grid draws each interior point inside its cell, fresh for every batch and every 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -69,11 +69,13 @@ def flexible_grid(grid: Tensor, batch_size: int, generator: torch.Generator | No
     return out
 
 
-DiffusionSpec = float | int | Sequence[float] | Tensor | Callable[[Tensor], Tensor]
+DiffusionSpec = float | int | Sequence[float] | Tensor | Mapping[str, float] | Callable[[Tensor], Tensor]
 
 
 class Diffusion:
-    """The diffusion coefficient g: a constant, one value per grid point, or a callable of t.
+    """The diffusion coefficient g: a constant, one value per grid point, ``{"start": g0, "end": g1}`` (geometric
+    in t from g0 at the grid's first time to g1 at its last, ``g0 (g1/g0)^((t - t_0)/(t_N - t_0))``; any N), or a
+    callable of t.
 
     ``at_grid(t)`` gives g at each point of a ``(B, N+1)`` grid; ``at_time(t)`` at continuous times.
     Per-grid-point values belong to the points of the fixed grid and are interpolated linearly in between,
@@ -85,7 +87,15 @@ class Diffusion:
 
     def __init__(self, spec: DiffusionSpec):
         self.spec = spec
-        if callable(spec) and not isinstance(spec, Tensor):
+        if isinstance(spec, Mapping):
+            ends = [spec.get(k) for k in ("start", "end")]
+            if set(spec) != {"start", "end"} or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in ends):
+                raise ValueError(f"diffusion: expected {{'start': g0, 'end': g1}} with positive finite g0, g1, got "
+                                 f"{dict(spec)!r}")
+            self.kind = "geometric"
+            self.ends = (float(ends[0]), float(ends[1]))
+        elif callable(spec) and not isinstance(spec, Tensor):
             params = getattr(spec, "parameters", None)
             if callable(params) and any(p.requires_grad for p in params()):
                 raise ValueError("diffusion: a module with learnable parameters is not supported (the loss treats g "
@@ -110,6 +120,8 @@ class Diffusion:
             return float(self.spec)
         if self.kind == "per_point":
             return self.values.tolist()
+        if self.kind == "geometric":
+            return {"start": self.ends[0], "end": self.ends[1]}
         return None  # callables are not serialisable; the caller must pass them again
 
     def check_steps(self, num_steps: int) -> None:
@@ -129,6 +141,8 @@ class Diffusion:
             if fixed_grid is not None:
                 return self.at_time(t, fixed_grid)
             return self.values.to(device=t.device, dtype=t.dtype).expand_as(t).clone()
+        if self.kind == "geometric":
+            return self._geometric(t, t[..., :1], t[..., -1:]) if fixed_grid is None else self.at_time(t, fixed_grid)
         return self._call(t)
 
     def at_time(self, t: Tensor, fixed_grid: Tensor) -> Tensor:
@@ -141,7 +155,14 @@ class Diffusion:
             t0, t1 = grid[idx - 1], grid[idx]
             w = (t - t0) / (t1 - t0)
             return vals[idx - 1] * (1 - w) + vals[idx] * w
+        if self.kind == "geometric":
+            grid = fixed_grid.to(device=t.device, dtype=t.dtype)
+            return self._geometric(t, grid[0], grid[-1])
         return self._call(t)
+
+    def _geometric(self, t: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+        g0, g1 = self.ends
+        return g0 * (g1 / g0) ** ((t - t0) / (t1 - t0)).clamp(0.0, 1.0)
 
     def _call(self, t: Tensor) -> Tensor:
         g = self.spec(t)

@@ -98,13 +98,15 @@ def _int(lo: int, hi: int = _MAX_COUNT) -> Range:
 
 def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Callable[[], Sequence[str]] | None = None,
            range: Range | None = None, group: str = "model / SDE", resume: bool = False, metavar: str | None = None,
-           parse: Callable[[str], Any] | None = None, nullable: bool = False, cli: bool = True):
+           parse: Callable[[str], Any] | None = None, nullable: bool = False, cli: bool = True,
+           check: Callable[[Any], str | None] | None = None):
     """A config field with its command-line description.
 
     ``flags``: extra option strings besides ``--field-name`` (e.g. ``("-b",)``); ``choices``: a callable
     returning the valid values (evaluated late, so registries can grow); ``range``: numeric bounds;
     ``resume``: may differ from the checkpoint's value on ``--resume``; ``parse``: text -> value for the CLI;
-    ``nullable``: ``None`` is valid (typed as ``none``).
+    ``nullable``: ``None`` is valid (typed as ``none``); ``check``: value -> what was expected (a phrase) when the
+    value is invalid, else None (for values that a range or choices cannot describe).
     """
     if isinstance(default, (dict, list)):
         factory = type(default)
@@ -112,7 +114,7 @@ def option(default: Any, help: str, *, flags: Sequence[str] = (), choices: Calla
     else:
         kw = {"default": default}
     meta = {"help": help, "flags": tuple(flags), "choices": choices, "range": range, "group": group,
-            "resume": resume, "metavar": metavar, "parse": parse, "nullable": nullable, "cli": cli}
+            "resume": resume, "metavar": metavar, "parse": parse, "nullable": nullable, "cli": cli, "check": check}
     return field(metadata=meta, **kw)
 
 
@@ -158,6 +160,8 @@ def check_field(f: dataclasses.Field, value: Any) -> Issue | None:
             return Issue((f.name,), f"{{{f.name}}}: expected one of {', '.join(map(str, valid))}, got {value!r}")
     if m.get("range") is not None and not m["range"].contains(value):
         return Issue((f.name,), f"{{{f.name}}}: expected {m['range'].describe()}, got {value!r}")
+    if m.get("check") is not None and (expected := m["check"](value)) is not None:
+        return Issue((f.name,), f"{{{f.name}}}: expected {expected}, got {value!r}")
     return None
 
 
@@ -221,6 +225,33 @@ def parse_device(text: str) -> str:
     return s
 
 
+_G_RANGE = Range(0, 1e3, lo_open=True)
+_G_EXPECTED = (f"g as {_G_RANGE.describe()}, or START:END (g at --t-start and at --t-end, geometric in t between; "
+               "each in (0, 1000])")
+
+
+def check_diffusion(value: Any) -> str | None:
+    """None when ``value`` is a valid g (a number, or ``{"start": g0, "end": g1}``), else what is expected."""
+    if isinstance(value, dict):
+        ok = set(value) == {"start", "end"} and all(_G_RANGE.contains(v) for v in value.values())
+    else:
+        ok = _G_RANGE.contains(value)
+    return None if ok else _G_EXPECTED
+
+
+def parse_diffusion(text: str) -> float | dict:
+    """``"0.2"`` -> 0.2 (constant g); ``"0.2:1"`` -> ``{"start": 0.2, "end": 1.0}`` (geometric in t)."""
+    parts = str(text).split(":")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    value = vals[0] if len(vals) == 1 else {"start": vals[0], "end": vals[1]} if len(vals) == 2 else None
+    if value is None or check_diffusion(value) is not None:
+        raise ValueError(f"diffusion: expected {_G_EXPECTED}, got {text!r}")
+    return value
+
+
 def _parse_optional_str(text: str) -> str | None:
     return None if str(text).strip().lower() == "none" else str(text)
 
@@ -281,7 +312,10 @@ class TrainConfig:
         metavar="START:END[:WARMUP]", nullable=True, parse=_parse_optional_str)
     grid: str = option("fixed", "time grid of training (flexible: interior points redrawn every batch)",
                        choices=lambda: GRIDS)
-    diffusion: float = option(0.2, "diffusion coefficient g", flags=("--g",), range=Range(0, 1e3, lo_open=True))
+    diffusion: float | dict = option(
+        0.2, "diffusion coefficient g: a number, or START:END for g rising geometrically in t "
+        "from START at --t-start to END at --t-end", flags=("--g",), parse=parse_diffusion, check=check_diffusion,
+        metavar="G|START:END")
     t_start: float = option(1e-3, "first time of the grid", range=Range(0, 1e3, lo_open=True))
     t_end: float = option(0.05, "last time of the grid (> --t-start)", range=Range(0, 1e3, lo_open=True))
     time_exponent: float = option(0.9, "grid exponent e: linspace(t_start^e, t_end^e)^(1/e)",
@@ -419,7 +453,11 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.def
 #: Defaults per kind of data, over the dataclass defaults (field name -> value). Q owns the "points" values,
 #: U the "image" values; keys must be TrainConfig fields (checked at import).
 PRESETS: dict[str, dict[str, Any]] = {
-    "points": {},
+    # chosen on tuning sets of the generated sharp family (docs/quality_2d.md, "Tuning"): g rising from 0.2 at the
+    # data to 1 at T (sharp edges near the data, a mixing forward process that leaves the zero-drift saddle),
+    # lr 2e-2 with a cosine schedule, 3000 iterations (~250 CPU-s), samples by the probability-flow ODE (lam 0)
+    "points": {"diffusion": {"start": 0.2, "end": 1.0}, "lr": 2e-2, "lr_schedule": "cosine", "iters": 3000,
+               "eval_lam": 0.0},
     "tabular": {"progressive": None, "num_steps": 30, "hidden": 256, "depth": 3, "batch_size": 512,
                 "holdout": 0.1},
     "image": {"progressive": None, "num_steps": 30, "batch_size": 128, "lr": 2e-4, "lr_decay_every": 0,
@@ -464,17 +502,18 @@ def resolve_config(kind: str, explicit: Mapping[str, Any], source: str | None = 
     """
     if kind not in PRESETS:
         raise ValueError(f"kind: expected one of {', '.join(PRESETS)}, got {kind!r}")
-    conflicts = explicit_conflicts(explicit)
+    values = {**PRESETS[kind], **SOURCE_PRESETS.get(str(source).lower(), {}), **explicit}
+    conflicts = explicit_conflicts(explicit, values.get("lr_schedule", _DEFAULTS["lr_schedule"]))
     if conflicts:
         raise ConfigError(conflicts, "conflicting options")
-    values = {**PRESETS[kind], **SOURCE_PRESETS.get(str(source).lower(), {}), **explicit}
     if "num_steps" in explicit and "progressive" not in explicit:
         values["progressive"] = None
     return TrainConfig(**values)
 
 
-def explicit_conflicts(explicit: Mapping[str, Any]) -> list[Issue]:
-    """Options set together that contradict each other (one of them would be ignored)."""
+def explicit_conflicts(explicit: Mapping[str, Any], lr_schedule: str | None = None) -> list[Issue]:
+    """Options set together that contradict each other (one of them would be ignored); ``lr_schedule``: the
+    schedule in effect (a preset's when the user set none)."""
     out = []
     prog = explicit.get("progressive")
     if "num_steps" in explicit and isinstance(prog, str) and _parse_optional_str(prog) is not None:
@@ -483,11 +522,13 @@ def explicit_conflicts(explicit: Mapping[str, Any]) -> list[Issue]:
                          "(the progressive schedule ends at its END)"))
     if explicit.get("lr_decay_every") == 0 and "lr_decay" in explicit:
         out.append(Issue(("lr_decay", "lr_decay_every"), "{lr_decay} has no effect with {lr_decay_every} 0"))
-    if explicit.get("lr_schedule", "step") != "step":
+    schedule = explicit.get("lr_schedule", lr_schedule or "step")
+    if schedule != "step":
         for k in ("lr_decay", "lr_decay_every"):
             if k in explicit:
-                out.append(Issue((k, "lr_schedule"), f"{{{k}}} applies to {{lr_schedule}} step, not "
-                                                     f"{explicit['lr_schedule']}"))
+                out.append(Issue((k, "lr_schedule"), f"{{{k}}} applies to {{lr_schedule}} step, not {schedule} "
+                                                     f"(the {'one set' if 'lr_schedule' in explicit else 'default'}"
+                                                     f" for this data; pass {{lr_schedule}} step)"))
     if explicit.get("eval_every") == 0 and "eval_samples" in explicit:
         out.append(Issue(("eval_samples", "eval_every"), "{eval_samples} has no effect with {eval_every} 0"))
     return out
