@@ -91,13 +91,38 @@ CONFIGS: dict[str, dict] = {
 DEFAULTS = {"digits": "df-mlp,maf", "mnist": "mnist-mlp"}
 
 
+class LearnedPriorDiffFlow(DiffFlow):
+    """Experiment (not in the library): DiffFlow whose prior ``p_B(x_N)`` has a learnable mean and standard deviation
+    per dimension (``prior: "learned"`` in a recipe), started at ``N(0, prior_std^2)``. Trained with
+    ``gradient="autograd"`` (the checkpointed walks differentiate the prior with respect to ``x_N`` only)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prior_mean = torch.nn.Parameter(torch.zeros(self.data_shape))
+        self.prior_log_std = torch.nn.Parameter(torch.full(self.data_shape, math.log(self.prior_std)))
+
+    def prior_nll(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.prior_mean) * torch.exp(-self.prior_log_std)
+        per = 0.5 * z.square() + self.prior_log_std + 0.5 * math.log(2 * math.pi)
+        return per.reshape(x.shape[0], -1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator=None, **kwargs) -> torch.Tensor:
+        z = torch.randn((n, *self.data_shape), generator=generator, device=self.prior_mean.device)
+        x_init = self.prior_mean + torch.exp(self.prior_log_std) * z
+        return super().sample(n, generator=generator, x_init=x_init, **kwargs)
+
+
 def build(cfg: dict, shape: tuple[int, ...], device: torch.device, precision: str) -> torch.nn.Module:
     if cfg["kind"] == "flow":
         return FlowModel(cfg["flow"], shape, **cfg["flow_kwargs"]).to(device)
     model_kwargs = dict(cfg["model"])
     if precision != "fp32":
         model_kwargs["autocast_dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return DiffFlow.from_networks(cfg["network"], shape, cfg["network_kwargs"], **model_kwargs).to(device)
+    cls = DiffFlow
+    if cfg.get("prior") == "learned":
+        cls, model_kwargs["gradient"] = LearnedPriorDiffFlow, "autograd"
+    return cls.from_networks(cfg["network"], shape, cfg["network_kwargs"], **model_kwargs).to(device)
 
 
 class Clock:
@@ -117,7 +142,12 @@ class Trainer:
         torch.manual_seed(seed)
         self.cfg, self.source, self.device = cfg, source, device
         self.model = build(cfg, source.shape, device, precision)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        wd = cfg.get("wd", 0.0)
+        self.opt = (torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=wd) if wd
+                    else torch.optim.Adam(self.model.parameters(), lr=cfg["lr"]))
+        # "iters": a fixed length; with "sched": "cosine" the learning rate decays to 0 over it
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg["iters"])
+                      if cfg.get("sched") == "cosine" else None)
         self.ema = EMA(self.model, cfg["ema"]) if cfg["ema"] else None
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator(device).manual_seed(seed)
@@ -131,6 +161,8 @@ class Trainer:
         if self.cfg["clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip"])
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.iters += 1
@@ -153,10 +185,13 @@ class Trainer:
         return _Swap()
 
 
-def evaluate(trainer: Trainer, split: str, n: int | None, draws: int, seed: int = 0) -> dict:
+def evaluate(trainer: Trainer, split: str, n: int | None, draws: int, seed: int = 0, bound: str = "elbo",
+             **ode_options) -> dict:
+    """Data-space bits/dim of the EMA weights: negative ELBO (``bound="elbo"``) or probability-flow ODE likelihood
+    (``bound="ode"``, DiffFlow only; ``ode_options`` such as ``rtol``/``atol`` go to ``DiffFlow.log_prob``)."""
     with trainer.eval_weights() as model:
-        r = bits_per_dim(model, trainer.source, split=split, n=n, bound="elbo", draws=draws, seed=seed,
-                         batch_size=250)
+        r = bits_per_dim(model, trainer.source, split=split, n=n, bound=bound, draws=draws, seed=seed,
+                         batch_size=250, **ode_options)
     out = r.as_dict() | {"describe": r.describe()}
     if trainer.cfg["kind"] == "flow":  # bits_per_dim calls nll_bound; for a flow it is the exact NLL
         out["bound"] = "exact"
@@ -164,21 +199,62 @@ def evaluate(trainer: Trainer, split: str, n: int | None, draws: int, seed: int 
     return out
 
 
+def resolve(name: str) -> dict:
+    """The recipe of ``name``: a key of :data:`CONFIGS`, optionally followed by ``@key=value`` overrides (JSON
+    values; ``model.x`` / ``network_kwargs.x`` / ``flow_kwargs.x`` reach inside), e.g.
+    ``df-mlp-p05-lr3-b64@model.diffusion=0.5@wd=1e-4``."""
+    base, *overrides = name.split("@")
+    if base not in CONFIGS:
+        raise ValueError(f"--configs: unknown {base!r}; expected names from {', '.join(CONFIGS)}")
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in CONFIGS[base].items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--configs: {name!r}: expected @key=value, got @{item}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        head, _, sub = key.partition(".")
+        if sub:
+            cfg[head] = {**cfg.get(head, {}), sub: value}
+        else:
+            cfg[key] = value
+    if cfg.get("sched") == "cosine" and "iters" not in cfg:
+        raise ValueError(f"--configs: {name!r}: sched=cosine needs iters=N")
+    return cfg
+
+
+def curve_point(tr: Trainer, args, curve: list, losses: list, used: float, best: dict) -> None:
+    """One learning-curve point (1 draw on ``--curve-split``); with ``--select-best`` keep the EMA weights of the
+    lowest point in ``best``."""
+    r = evaluate(tr, args.curve_split, args.eval_n, 1)
+    curve.append({"minutes": used / 60, "iters": tr.iters, "bits_per_dim": r["bits_per_dim"],
+                  "loss": statistics.fmean(losses[-20:])})
+    print(f"  {used / 60:6.2f} min  it {tr.iters:6d}  loss {curve[-1]['loss']:9.3f}  "
+          f"{args.curve_split} bpd {r['bits_per_dim']:.4f}", flush=True)
+    if args.select_best and r["bits_per_dim"] < best["bits_per_dim"]:
+        with tr.eval_weights() as model:
+            best.update(curve[-1], weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
 def run(name: str, args, source, device: torch.device, clock: Clock) -> dict:
-    cfg = dict(CONFIGS[name])
+    cfg = resolve(name)
     if args.batch:
         cfg["batch"] = args.batch
     if args.num_steps and cfg["kind"] == "diffflow":
         cfg["model"] = {**cfg["model"], "num_steps": args.num_steps}
     tr = Trainer(cfg, source, device, args.seed, args.precision)
     budget = args.budget * 60.0
+    max_iters = cfg.get("iters", math.inf)
     every = args.eval_every or math.inf
     used, next_eval, curve, losses = 0.0, every, [], []
+    best = {"bits_per_dim": math.inf}  # the curve point with the lowest bits/dim (early stopping on the curve split)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print(f"# {name}: {sum(p.numel() for p in tr.model.parameters()) / 1e6:.2f}M parameters, budget "
           f"{args.budget} {args.clock}-min", flush=True)
-    while used < budget:
+    while used < budget and tr.iters < max_iters:
         t0 = clock()
         loss = tr.step()
         used += clock() - t0
@@ -187,12 +263,10 @@ def run(name: str, args, source, device: torch.device, clock: Clock) -> dict:
             print(f"# {name}: non-finite loss at iteration {tr.iters}; stopping", flush=True)
             break
         if used >= next_eval:
-            r = evaluate(tr, args.curve_split, args.eval_n, 1)
-            curve.append({"minutes": used / 60, "iters": tr.iters, "bits_per_dim": r["bits_per_dim"],
-                          "loss": statistics.fmean(losses[-20:])})
-            print(f"  {used / 60:6.2f} min  it {tr.iters:6d}  loss {curve[-1]['loss']:9.3f}  "
-                  f"{args.curve_split} bpd {r['bits_per_dim']:.4f}", flush=True)
+            curve_point(tr, args, curve, losses, used, best)
             next_eval += every
+    if args.select_best and (not curve or curve[-1]["iters"] != tr.iters):
+        curve_point(tr, args, curve, losses, used, best)  # the last weights are a candidate too
     out = {"config": cfg, "iters": tr.iters, "train_minutes": used / 60, "it_per_s": tr.iters / max(used, 1e-9),
            "curve": curve, "final_loss": statistics.fmean(losses[-20:]) if losses else None}
     if device.type == "cuda":
@@ -201,6 +275,24 @@ def run(name: str, args, source, device: torch.device, clock: Clock) -> dict:
     out["result"] = evaluate(tr, args.split, args.final_n, args.draws)
     out["eval_wall_s"] = time.perf_counter() - t0
     print(f"  {name}: {tr.iters} iters in {used / 60:.2f} {args.clock}-min; {out['result']['describe']}", flush=True)
+    ode = args.ode and cfg["kind"] == "diffflow"
+    ode_options = {"rtol": args.ode_tol, "atol": args.ode_tol}
+    if ode:
+        out["result_ode"] = evaluate(tr, args.split, args.final_n, args.draws, bound="ode", **ode_options)
+        print(f"  {name} (last weights): {out['result_ode']['describe']}", flush=True)
+    if args.select_best and "weights" in best:
+        # the EMA weights of the best curve point: early stopping chosen on the curve split, figure on --split
+        if tr.ema is not None:
+            tr.ema.shadow = {k: v.clone() for k, v in best.pop("weights").items() if k in tr.ema.shadow}
+        else:
+            tr.model.load_state_dict(best.pop("weights"))
+        out["best"] = best
+        out["result_best"] = evaluate(tr, args.split, args.final_n, args.draws)
+        print(f"  {name} (best {args.curve_split} point: it {best['iters']}, {best['minutes']:.2f} min): "
+              f"{out['result_best']['describe']}", flush=True)
+        if ode:
+            out["result_best_ode"] = evaluate(tr, args.split, args.final_n, args.draws, bound="ode", **ode_options)
+            print(f"  {name} (best {args.curve_split} point): {out['result_best_ode']['describe']}", flush=True)
     if args.grid_dir and cfg["kind"] == "diffflow":
         out["grid"] = str(sample_grid(tr, name, args))
     if args.compare_backends and cfg["kind"] == "diffflow":
@@ -252,6 +344,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-n", type=int, default=None, help="examples per learning-curve point (default: all)")
     ap.add_argument("--draws", type=int, default=3, help="dequantisation draws of the final figure")
     ap.add_argument("--final-n", type=int, default=None, help="examples of the final figure (default: the whole split)")
+    ap.add_argument("--select-best", action="store_true",
+                    help="early stopping: also report the EMA weights of the best learning-curve point")
+    ap.add_argument("--ode", action="store_true", help="also report DiffFlow's probability-flow ODE bits/dim")
+    ap.add_argument("--ode-tol", type=float, default=1e-5, help="rtol = atol of the ODE likelihood (default 1e-5)")
     ap.add_argument("--batch", type=int, default=None, help="override the configs' batch size")
     ap.add_argument("--num-steps", type=int, default=None, help="override the configs' N (DiffFlow)")
     ap.add_argument("--seed", type=int, default=0)
@@ -271,9 +367,11 @@ def main(argv=None) -> int:
     args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     torch.set_num_threads(args.threads)
     names = (args.configs or DEFAULTS[args.dataset]).split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        ap.error(f"--configs: unknown {unknown}; expected names from {', '.join(CONFIGS)}")
+    for n in names:
+        try:
+            resolve(n)
+        except ValueError as e:
+            ap.error(str(e))
     if args.dataset == "mnist":
         if not args.data_dir:
             ap.error("--data-dir: required for mnist (a folder with the IDX files)")
@@ -293,8 +391,11 @@ def main(argv=None) -> int:
     print(f"\n{args.dataset}, {args.split} split, {args.budget} {args.clock}-minutes of training each:")
     for name, r in results["runs"].items():
         res = r["result"]
-        print(f"  {name:18s} {res['bits_per_dim']:.4f} +- {res['bits_per_dim_se']:.4f} bits/dim "
-              f"({r['iters']} iters, {r['it_per_s']:.2f} it/s)")
+        line = f"  {name:18s} {res['bits_per_dim']:.4f} +- {res['bits_per_dim_se']:.4f} bits/dim"
+        for key, what in (("result_ode", "ODE"), ("result_best", "best-point"), ("result_best_ode", "best-point ODE")):
+            if key in r:
+                line += f"; {what} {r[key]['bits_per_dim']:.4f} +- {r[key]['bits_per_dim_se']:.4f}"
+        print(f"{line} ({r['iters']} iters, {r['it_per_s']:.2f} it/s)")
     return 0
 
 
