@@ -25,6 +25,7 @@ from .gradients import (
 from .networks import build_network, build_network_from_config
 from .ops.backends import check_backend_name
 from .ops.reference import acc_dtype
+from .priors import PRIORS, GaussianPrior
 from .schedules import GRIDS, Diffusion, DiffusionSpec, check_num_steps, flexible_grid, polynomial_grid
 
 __all__ = ["DiffFlow", "NLLBound", "GRADIENT_MODES", "AUTOCAST_DTYPES"]
@@ -100,7 +101,9 @@ class DiffFlow(nn.Module):
             linearly interpolated in between, e.g. at the points of a flexible grid), ``{"start": g0, "end": g1}``
             (geometric in t from g0 at ``t_start`` to g1 at ``t_end``, for any N) or a callable of t
             (without learnable parameters: a learnable g is refused, see docs/math.md).
-        prior_std: standard deviation of the Gaussian prior ``p_B(x_N)``.
+        prior_std: standard deviation of the Gaussian prior ``p_B(x_N)`` (the initial one when learned).
+        prior: ``"fixed"`` (``N(0, prior_std^2 I)``, the paper's) or ``"learned"`` (a diagonal Gaussian with a
+            mean and a log-std per dimension, trained with the networks; :mod:`diffflow_ext.priors`).
         gradient: how :meth:`loss` is differentiated (see :mod:`diffflow_ext.gradients`): ``"auto"`` (default:
             keep the networks' graphs for as many states as ``memory_budget`` allows, recompute the rest),
             ``"adjoint"`` (keep only the states, recompute every network call) or ``"autograd"`` (unroll
@@ -130,6 +133,7 @@ class DiffFlow(nn.Module):
         time_exponent: float = 0.9,
         diffusion: DiffusionSpec = 0.2,
         prior_std: float = 1.0,
+        prior: str = "fixed",
         gradient: str = "auto",
         memory_budget: int | float | None = 0.5,
         checkpoint_schedule: str = "end",
@@ -157,6 +161,7 @@ class DiffFlow(nn.Module):
         self.diffusion = Diffusion(diffusion)
         self.diffusion.check_steps(self.num_steps)
         self.prior_std = _positive("prior_std", prior_std)
+        self.prior = GaussianPrior(data_shape, self.prior_std, _choice("prior", prior, PRIORS))
         self.gradient = _choice("gradient", gradient, GRADIENT_MODES)
         self.memory_budget = check_memory_budget(memory_budget)
         self.checkpoint_schedule = _choice("checkpoint_schedule", checkpoint_schedule, CHECKPOINT_SCHEDULES)
@@ -211,6 +216,7 @@ class DiffFlow(nn.Module):
             "time_exponent": self.time_exponent,
             "diffusion": diffusion,
             "prior_std": self.prior_std,
+            "prior": self.prior.kind,
             "gradient": self.gradient,
             "memory_budget": self.memory_budget,
             "checkpoint_schedule": self.checkpoint_schedule,
@@ -301,7 +307,8 @@ class DiffFlow(nn.Module):
         def noise(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-        return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend, self.autocast_for(x.device))
+        return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend, self.autocast_for(x.device),
+                    prior_params=tuple(p for p in self.prior.parameters() if p.requires_grad))
 
     def _check_data(self, name: str, x: Tensor, check_dtype: bool = True) -> Tensor:
         if not isinstance(x, Tensor):
@@ -327,9 +334,8 @@ class DiffFlow(nn.Module):
         return math.prod(self.data_shape)
 
     def prior_nll(self, x: Tensor) -> Tensor:
-        """``-log N(x; 0, prior_std^2 I)`` per sample, normaliser included."""
-        sq = x.to(acc_dtype(x.dtype)).square().reshape(x.shape[0], -1).sum(1)
-        return 0.5 * sq / self.prior_std**2 + 0.5 * self.dim * math.log(2 * math.pi * self.prior_std**2)
+        """``-log p_B(x)`` per sample, normaliser included (:class:`~diffflow_ext.priors.GaussianPrior`)."""
+        return self.prior.nll(x)
 
     # ------------------------------------------------------------------ training
     def loss_per_sample(
@@ -445,8 +451,7 @@ class DiffFlow(nn.Module):
             raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         if x_init is None:
             _check_generator(generator, device)
-            x_init = self.prior_std * torch.randn(
-                (n, *self.data_shape), generator=generator, device=device, dtype=dtype)
+            x_init = self.prior.sample(n, generator=generator, device=device, dtype=dtype)
         else:
             self._check_data("x_init", x_init, check_dtype=False)
             if x_init.shape[0] != n:

@@ -183,9 +183,14 @@ class _CheckpointedLoss(torch.autograd.Function):
                 dt_prev, dt[:, min(i, N - 1)], g[:, i], backend=b)
             adj = cot_x  # a fresh buffer from adjoint_step: accumulate into it in place
             with torch.enable_grad():
-                if i == N:  # the prior's gradient enters at x_N
-                    (gp,) = torch.autograd.grad(walk.prior_nll(x), x, w.to(cot_x.dtype))
-                    adj.add_(gp)
+                if i == N:  # the prior's gradient enters at x_N (and reaches a learned prior's parameters)
+                    prior_params = [p for p in walk.prior_params if id(p) in index]
+                    got = torch.autograd.grad(walk.prior_nll(x), (x, *prior_params), w.to(cot_x.dtype))
+                    adj.add_(got[0])
+                    for p, gk in zip(prior_params, got[1:]):
+                        k = index[id(p)]
+                        grads[k] = gk if grads[k] is None else grads[k].add_(gk)
+                    got = None
                 # one VJP per network, so that only one network's fresh parameter grads exist next to the
                 # running sums (accumulated in place) -- the lowest peak; a fixed network's output has no graph
                 for out, cot, group in ((f, cot_f, groups[0]), (s, cot_s, groups[1]))[: 2 if i > 0 else 1]:
@@ -220,6 +225,10 @@ def checkpointed_loss(walk: Walk, x0: Tensor, budget_bytes: float, schedule: str
             if p.requires_grad and id(p) not in seen:  # shared parameters (e.g. a common trunk) once
                 seen.add(id(p))
                 params.append(p)
+    for p in walk.prior_params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
     options = {"budget_bytes": float(budget_bytes), "schedule": schedule}
     loss = _CheckpointedLoss.apply(walk, x0, options, *params)
     if info is not None:

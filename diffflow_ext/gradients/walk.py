@@ -58,6 +58,7 @@ class Walk:
     noise: Callable[[Tensor], Tensor]  # like-x -> standard normal noise (consumes the generator)
     backend: str = "auto"
     autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) the networks run under
+    prior_params: tuple[Tensor, ...] = ()  # trainable parameters prior_nll depends on (a learned prior)
 
     @property
     def num_steps(self) -> int:

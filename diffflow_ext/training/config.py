@@ -28,6 +28,7 @@ import torch
 
 from ..model import GRADIENT_MODES
 from ..ops.backends import BACKENDS
+from ..priors import PRIORS
 from ..schedules import GRIDS
 
 __all__ = [
@@ -320,8 +321,10 @@ class TrainConfig:
     t_end: float = option(0.05, "last time of the grid (> --t-start)", range=Range(0, 1e3, lo_open=True))
     time_exponent: float = option(0.9, "grid exponent e: linspace(t_start^e, t_end^e)^(1/e)",
                                   range=Range(0, 100, lo_open=True))
-    prior_std: float = option(1.0, "standard deviation of the Gaussian prior p_B(x_N) (model space)",
-                              range=Range(0, 1e3, lo_open=True))
+    prior_std: float = option(1.0, "standard deviation of the Gaussian prior p_B(x_N) (model space; the initial "
+                                   "one with --prior learned)", range=Range(0, 1e3, lo_open=True))
+    prior: str = option("fixed", "prior p_B(x_N): fixed N(0, prior_std^2 I), or learned (a mean and a log-std per "
+                                 "dimension, trained with the networks)", choices=lambda: PRIORS)
     network: str = option("mlp", "network of the drift and the score (a registered name)", choices=_network_names)
     network_options: dict = option({}, "an argument of the network, e.g. base_width=32 (see the network's "
                                         "docs); repeatable", flags=("--network-option",), metavar="KEY=VALUE",

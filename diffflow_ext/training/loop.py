@@ -109,7 +109,8 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], device: torch.device):
     torch.manual_seed(cfg.seed)
     kwargs: dict[str, Any] = dict(
         num_steps=cfg.max_steps(), t_start=cfg.t_start, t_end=cfg.t_end, time_exponent=cfg.time_exponent,
-        diffusion=cfg.diffusion, prior_std=cfg.prior_std, gradient=cfg.gradient, backend=cfg.backend, grid=cfg.grid,
+        diffusion=cfg.diffusion, prior_std=cfg.prior_std, prior=cfg.prior, gradient=cfg.gradient, backend=cfg.backend,
+        grid=cfg.grid,
         autocast_dtype=PRECISIONS[cfg.precision],
     )
     if cfg.memory_budget is not None:
