@@ -472,10 +472,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: U owns the image entries.
 SOURCE_PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized (target <= 15 CPU-minutes); chosen by U on the digits validation split (docs/images.md): MLP 3x512,
-    # N=10, g=1, prior std 0.5, batch 64, lr 3e-3, 1800 iterations (val -ELBO minimum; longer runs overfit the 1257
-    # training images)
+    # N=10, g=1, learned per-dimension prior (initial std 0.5), batch 64, lr 3e-3; 1500 iterations = the validation
+    # -ELBO minimum of the learned-prior run (longer runs overfit the 1257 training images)
     "digits": {"network": "mlp", "hidden": 512, "depth": 3, "num_steps": 10, "diffusion": 1.0, "t_end": 0.05,
-               "prior_std": 0.5, "batch_size": 64, "lr": 3e-3, "iters": 1800, "clip": 1.0},
+               "prior": "learned", "prior_std": 0.5, "batch_size": 64, "lr": 3e-3, "iters": 1500, "clip": 1.0},
     # the paper's image setting (GPU): UNets at about half DDPM width, g=1, T=0.05
     "mnist": {"network": "unet-mnist", "diffusion": 1.0},
     "cifar10": {"network": "unet-cifar10", "diffusion": 1.0},
