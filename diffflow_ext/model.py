@@ -25,7 +25,7 @@ from .gradients import (
 from .networks import build_network, build_network_from_config
 from .ops.backends import check_backend_name
 from .ops.reference import acc_dtype
-from .priors import PRIORS, GaussianPrior
+from .priors import GaussianPrior
 from .schedules import GRIDS, Diffusion, DiffusionSpec, check_num_steps, flexible_grid, polynomial_grid
 
 __all__ = ["DiffFlow", "NLLBound", "GRADIENT_MODES", "AUTOCAST_DTYPES"]
@@ -160,8 +160,7 @@ class DiffFlow(nn.Module):
         polynomial_grid(1, self.t_start, self.t_end, self.time_exponent)  # validates the range
         self.diffusion = Diffusion(diffusion)
         self.diffusion.check_steps(self.num_steps)
-        self.prior_std = _positive("prior_std", prior_std)
-        self.prior = GaussianPrior(data_shape, self.prior_std, _choice("prior", prior, PRIORS))
+        self.prior = GaussianPrior(data_shape, prior_std, prior)  # validates both
         self.gradient = _choice("gradient", gradient, GRADIENT_MODES)
         self.memory_budget = check_memory_budget(memory_budget)
         self.checkpoint_schedule = _choice("checkpoint_schedule", checkpoint_schedule, CHECKPOINT_SCHEDULES)
@@ -308,7 +307,7 @@ class DiffFlow(nn.Module):
             return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
         return Walk(self.drift, self.score, t, dt, g, self.prior_nll, noise, self.backend, self.autocast_for(x.device),
-                    prior_params=tuple(p for p in self.prior.parameters() if p.requires_grad))
+                    prior_params=tuple(self.prior.parameters()))
 
     def _check_data(self, name: str, x: Tensor, check_dtype: bool = True) -> Tensor:
         if not isinstance(x, Tensor):
@@ -329,6 +328,11 @@ class DiffFlow(nn.Module):
         return x
 
     # ------------------------------------------------------------------ densities of the prior
+    @property
+    def prior_std(self) -> float:
+        """The prior's standard deviation (its initial one when learned)."""
+        return self.prior.std
+
     @property
     def dim(self) -> int:
         return math.prod(self.data_shape)
@@ -368,8 +372,7 @@ class DiffFlow(nn.Module):
                     return forward_walk(walk, x0, keep_states=False).loss
             info: dict = {}
             loss = checkpointed_loss(walk, x0, budget, self.checkpoint_schedule, info)
-            plan = info["plan"]
-            self.last_gradient_plan = plan.summary()
+            self.last_gradient_plan = info["plan"].summary()
             return loss
         return forward_walk(walk, x0, keep_states=False).loss
 

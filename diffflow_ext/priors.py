@@ -62,7 +62,7 @@ class GaussianPrior(nn.Module):
         eps = torch.randn((n, *self.data_shape), generator=generator, device=device, dtype=dtype)
         if not self.learned:
             return self.std * eps
-        return self.mean.to(device=eps.device, dtype=dtype) + torch.exp(self.log_std).to(eps.device, dtype) * eps
+        return self.mean.to(eps.device, dtype) + torch.exp(self.log_std).to(eps.device, dtype) * eps
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, std={self.std}, data_shape={self.data_shape}"

@@ -14,6 +14,7 @@ each network evaluated once and pulled back once per state).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -220,13 +221,9 @@ def checkpointed_loss(walk: Walk, x0: Tensor, budget_bytes: float, schedule: str
     given, receives the plan under ``"plan"``."""
     nets = _networks(walk)
     seen, params = set(), []
-    for net in nets:
-        for p in (net.parameters() if isinstance(net, torch.nn.Module) else ()):
-            if p.requires_grad and id(p) not in seen:  # shared parameters (e.g. a common trunk) once
-                seen.add(id(p))
-                params.append(p)
-    for p in walk.prior_params:
-        if p.requires_grad and id(p) not in seen:
+    for p in itertools.chain(*(net.parameters() for net in nets if isinstance(net, torch.nn.Module)),
+                             walk.prior_params):
+        if p.requires_grad and id(p) not in seen:  # shared parameters (e.g. a common trunk) once
             seen.add(id(p))
             params.append(p)
     options = {"budget_bytes": float(budget_bytes), "schedule": schedule}
