@@ -24,21 +24,28 @@ class TimeMLP(nn.Module):
 
     ``depth`` hidden layers of width ``hidden`` (SiLU), input ``[x, time features]``. The output layer
     starts at zero, so an untrained drift and score are both zero (the forward process starts as
-    pure diffusion).
+    pure diffusion). ``dropout > 0`` adds dropout after every hidden activation (train mode only; it draws
+    from the global RNG, which the recomputing gradient modes replay).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, zero_init: bool = True):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, zero_init: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             _positive_int(name, v)
         if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 2 or time_dim % 2:
             raise ValueError(f"time_dim: expected an even number >= 2, got {time_dim!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
+        self.dropout = float(dropout)
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         layers: list[nn.Module] = []
         width = dim + time_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
             width = hidden
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(width, dim)
@@ -57,4 +64,7 @@ class TimeMLP(nn.Module):
         return self.out(self.body(h)).reshape(shape)
 
     def config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
+        cfg = {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
+        if self.dropout:
+            cfg["dropout"] = self.dropout
+        return cfg
