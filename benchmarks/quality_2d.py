@@ -49,8 +49,8 @@ STEP_LAMS = (0.0, 1.0)  # samplers of the steps mode: probability-flow ODE and t
 class Points:
     """50k points of a set, split 90/10 and standardised by the training split (as the trainer does)."""
 
-    def __init__(self, name: str, n: int = 50_000, seed: int = 0):
-        self.ds = toy2d.get(name)
+    def __init__(self, name: str | toy2d.Toy2D, n: int = 50_000, seed: int = 0):
+        self.ds = name if isinstance(name, toy2d.Toy2D) else toy2d.get(name)
         self.name = self.ds.name
         pts = self.ds.sample_numpy(n, np.random.default_rng([seed, 11]))
         perm = np.random.default_rng([seed, 3]).permutation(n)
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="quality-vs-N PNG (steps mode)")
     ap.add_argument("--save-samples", default=None, metavar="NPZ",
                     help="write each model's samples (data units) to this .npz as SET/MODEL (quality mode)")
+    ap.add_argument("--save-models", default=None, metavar="DIR",
+                    help="torch.save each trained model to DIR/SET_MODEL.pt (diagnosis: re-sample without retraining)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             model, info = train_model(m, data, args.seed, budget, args.iters, options)
             if m == "diffflow" and args.budget is None:
                 budget = info["cpu_seconds"]
+            if args.save_models:
+                Path(args.save_models).mkdir(parents=True, exist_ok=True)
+                torch.save(model, Path(args.save_models) / f"{s}_{m}.pt")
             if args.mode == "quality":
                 r = evaluate(model, info, data, n_samples=args.samples, n_ode=args.ode, n_elbo=args.elbo,
                              seed=args.seed)
