@@ -41,6 +41,12 @@ BUILTIN_SHARP = ("checkerboard", "olympic_rings", "four_rings", "2spirals", "sie
 MODELS = ("diffflow", "fixed-dsm", "fixed-diffflow", "nsf")
 STEPS = (5, 10, 20, 30)
 STEP_LAMS = (0.0, 1.0)  # samplers of the steps mode: probability-flow ODE and the backward SDE
+# samplers of the samplers mode (label, method, lam, num_steps): the grid's Euler steps at several lam and N, Heun
+# on the grid, and the adaptive probability-flow ODE (torchdiffeq dopri5)
+SAMPLERS = (("em lam0 N=train", "em", 0.0, None), ("em lam0.5", "em", 0.5, None), ("em lam1", "em", 1.0, None),
+            ("em lam0 N=60", "em", 0.0, 60), ("em lam0 N=120", "em", 0.0, 120), ("heun N=train", "heun", None, None),
+            ("ode dopri5 1e-5", "ode", None, None))
+DIST_BINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, np.inf)  # distance of outside samples to the support
 
 
 # ----------------------------------------------------------------------------- data
@@ -204,6 +210,43 @@ def evaluate(model, info: dict, data: Points, *, n_samples: int, n_ode: int, n_e
     return out
 
 
+def where_outside(ds, x: np.ndarray) -> dict:
+    """Where the samples outside the support land: the share of all samples per distance band (data units; thin
+    sets count as inside within ``ds.tol``), and per hole level for the Sierpinski carpet."""
+    d = ds.distance(x)
+    out = {f"({a:g},{b:g}]": float(((d > max(a, ds.tol) + 1e-6) & (d <= b)).mean())
+           for a, b in zip(DIST_BINS[:-1], DIST_BINS[1:]) if b > ds.tol}
+    if ds.name == "sierpinski_carpet":  # which hole level (1: the centre ninth ... 4: side 2/81) holds samples
+        u, origin, size = (np.clip(x, -1, 1) + 1) / 2, np.zeros_like(x), 1.0
+        done = (np.abs(x) > 1).any(1)
+        out["outside_square"] = float(done.mean())
+        for level in range(1, ds.level + 1):
+            size /= 3
+            digit = np.clip(np.floor((u - origin) / size), 0, 2)
+            hole = (digit == 1).all(1) & ~done
+            # density in the holes of this level relative to a uniform spread over the square
+            out[f"hole_level{level}_mass"] = float(hole.mean())
+            out[f"hole_level{level}_area"] = 8 ** (level - 1) / 9**level
+            done |= hole
+            origin = origin + digit * size
+    return out
+
+
+def sampler_rows(model, data: Points, n: int, seed: int) -> list[dict]:
+    rows = []
+    for label, method, lam, steps in SAMPLERS:
+        t0 = _cpu()
+        with torch.no_grad():
+            z = model.sample(n, lam=lam, num_steps=steps, method=method, generator=torch.Generator().manual_seed(seed))
+        x = data.x(z)
+        ok = np.isfinite(x).all(1)
+        x = np.where(ok[:, None], x, 1e9)
+        rows.append({"set": data.name, "sampler": label, "fraction_in_support": float(data.ds.contains(x).mean()),
+                     "sample_cpu_seconds": round(_cpu() - t0, 2), **where_outside(data.ds, x)})
+        print(f"{data.name} {label}: in support {rows[-1]['fraction_in_support']:.4f}", file=sys.stderr, flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -297,7 +340,11 @@ def steps_plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("quality", "steps"), default="quality")
+    ap.add_argument("--mode", choices=("quality", "steps", "samplers"), default="quality",
+                    help="samplers: one DiffFlow per set (trained, or --load-models), sampled by every sampler of "
+                         "SAMPLERS, with where the outside samples land (diagnosis)")
+    ap.add_argument("--load-models", default=None, metavar="DIR",
+                    help="samplers mode: load DIR/SET_diffflow.pt (written by --save-models) instead of training")
     ap.add_argument("--sets", default="builtin,heldout:12", help="builtin, heldout:K, tuning:K or set names")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget", type=float, default=None,
@@ -338,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
         models.remove("nsf")
     wall0 = time.perf_counter()
     rows, datas = [], {}
+    if args.mode == "samplers":
+        for s in sets:
+            data = Points(s, seed=args.seed)
+            if args.load_models:
+                model = torch.load(Path(args.load_models) / f"{data.name}_diffflow.pt", weights_only=False)
+            else:
+                model, _ = train_model("diffflow", data, args.seed, None, args.iters, options)
+            rows += sampler_rows(model, data, args.samples, args.seed + 1)
+        print(json.dumps(rows, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+        return 0
     for s in sets:
         data = datas[s] = Points(s, seed=args.seed)
         budget = args.budget
