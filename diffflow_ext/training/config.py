@@ -377,6 +377,12 @@ class TrainConfig:
     log_every: int = option(50, "iterations between records in log.jsonl", group=_E, resume=True, range=_int(1))
     tensorboard: bool = option(False, "also write TensorBoard scalars (needs the tensorboard package)", group=_E,
                                resume=True)
+    keep_best: bool = option(False, "early stopping: keep the (EMA) weights of the periodic evaluation with the lowest "
+                                    "validation -ELBO in best.safetensors; the final evaluation and pictures use them "
+                                    "(needs --eval-every and a data source with a validation split)", group=_E,
+                             resume=True)
+    patience: int = option(0, "with --keep-best: stop after this many periodic evaluations without a lower validation "
+                              "-ELBO (0: train all --iters)", group=_E, resume=True, range=_int(0))
 
     def __post_init__(self) -> None:
         if isinstance(self.progressive, str):
@@ -422,6 +428,12 @@ class TrainConfig:
         if not bad & {"precision", "dtype"} and self.precision != "fp32" and self.dtype != "float32":
             out.append(Issue(("precision", "dtype"),
                              f"{{precision}} {self.precision} needs {{dtype}} float32 (the states), got {self.dtype}"))
+        if self.keep_best and not self.eval_every and "eval_every" not in bad:
+            out.append(Issue(("keep_best", "eval_every"), "{keep_best} compares the periodic evaluations: it needs "
+                                                           "{eval_every} > 0"))
+        if self.patience and not self.keep_best and "patience" not in bad:
+            out.append(Issue(("patience", "keep_best"), f"{{patience}} {self.patience} stops at the best evaluation: "
+                                                        "it needs {keep_best}"))
         if self.progressive is not None and "progressive" not in bad:
             try:
                 parse_progressive(self.progressive)

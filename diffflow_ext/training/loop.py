@@ -36,7 +36,7 @@ from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text,
 from .config import DTYPES, PRECISIONS, ConfigError, TrainConfig, resumable_fields, resume_config
 from .distributed import DistContext, local_shards, setup
 from .ema import EMA
-from .run import CHECKPOINT_NAME, RunFolder, choose_out_dir
+from .run import BEST_NAME, CHECKPOINT_NAME, RunFolder, choose_out_dir
 
 __all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "build_data", "build_model"]
 
@@ -327,6 +327,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         data = data_source_from_state(ck.extra["data"], data_dir=cfg.data_dir)
     else:
         data = source if source is not None else build_data(cfg)
+    if cfg.keep_best and "val" not in data.splits:
+        why = ("it draws fresh data every batch, so it cannot overfit" if data.streaming else
+               f"its splits are {', '.join(data.splits)}; choosing weights on the test split would bias the reported "
+               "figures")
+        raise ValueError(f"--keep-best: {data.name} has no validation split ({why})")
     inputs = tuple(n for n in (data.name, str(cfg.data)) if Path(n).is_file())
     out = Path(ctx.on_main(lambda: str(choose_out_dir(cfg.out, data=cfg.data if not ck else data.name,
                                                       resume=resume, overwrite=overwrite, inputs=inputs)[0])))
@@ -358,6 +363,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
             state.ema.copy_to(m)
         return m.eval()
 
+    # --keep-best: the best periodic evaluation so far ({"step", "nelbo_nats", "since"}: evaluations since it) and
+    # its evaluation weights, kept on every rank (the final samples may be drawn by all of them)
+    best_path = out / BEST_NAME
+    best: dict[str, Any] = dict(ck.extra.get("best") or {}) if ck is not None else {}
+    best_weights: dict[str, torch.Tensor] | None = None
+    if cfg.keep_best and best and best_path.is_file():
+        best_weights = load_checkpoint(best_path).build_model(use_ema=True).state_dict()
+
+    def final_model() -> DiffFlow:
+        """The weights the run reports: the best evaluation's with --keep-best, else the last (EMA) ones."""
+        if best_weights is None:
+            return eval_model()
+        m = DiffFlow.from_config(state.model.config()).to(device=ctx.device, dtype=DTYPES[cfg.dtype])
+        m.load_state_dict(best_weights)
+        return m.eval()
+
     def save(path: Path) -> None:
         if not _is_finite_model(state.model):  # the same weights on every rank: all of them stop
             raise NonFiniteError(f"weights became non-finite at step {state.step}; not saving them")
@@ -365,7 +386,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         if not ctx.is_main:
             return
         extra = {"train_config": cfg.to_dict(), "data": data.state(), "world_size": ctx.world,
-                 "device_type": ctx.device.type}
+                 "device_type": ctx.device.type, "best": best or None}
         if state.scaler is not None:
             extra["grad_scaler"] = state.scaler.state_dict()
         save_checkpoint(path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
@@ -385,6 +406,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
     gradient_plan = None
     bar = None
     saved_at = -1
+    stopped_early = None
     # from here on files are written: a failure before the first checkpoint removes what this run created
     ctx.on_main(lambda: folder.open(replace_run=overwrite and ck is None and (out / CHECKPOINT_NAME).exists()))
     folder.file(CHECKPOINT_NAME)
@@ -442,22 +464,44 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.iters:
                     save(ckpt_path)
                     have_checkpoint = True
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters and ctx.is_main:
-                    from ..evaluation import evaluate_model
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
+                    value = None
+                    if ctx.is_main:
+                        from ..evaluation import evaluate_model
 
-                    # periodic evaluations watch the validation split where the source has one, so that choices
-                    # made from the curve (iterations, early stopping) never look at the test split
-                    m = evaluate_model(eval_model(), data, split="val" if "val" in data.splits else "test",
-                                       n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
-                                       ode=False, seed=cfg.eval_seed, lam=cfg.eval_lam, fid=False)
-                    keys = ("nelbo_nats", "nelbo_bits_per_dim", "sliced_wasserstein", "fraction_in_support")
-                    bar.write(f"step {step}: loss {_fmt(loss_ema)} [{m.get('split', 'test')}] "
-                              + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
-                    folder.log({"step": step, "eval": m})
-                    if tb:
-                        folder.scalars(step, {k: v for k, v in m.items() if isinstance(v, float)}, prefix="eval")
+                        # periodic evaluations watch the validation split where the source has one, so that
+                        # choices made from the curve (iterations, early stopping) never look at the test split
+                        m = evaluate_model(eval_model(), data, split="val" if "val" in data.splits else "test",
+                                           n_heldout=2000, n_samples=cfg.eval_samples, n_nll=1000,
+                                           ode=False, seed=cfg.eval_seed, lam=cfg.eval_lam, fid=False)
+                        value = m.get("nelbo_nats")
+                        keys = ("nelbo_nats", "nelbo_bits_per_dim", "sliced_wasserstein", "fraction_in_support")
+                        bar.write(f"step {step}: loss {_fmt(loss_ema)} [{m.get('split', 'test')}] "
+                                  + " ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m), file=sys.stderr)
+                        folder.log({"step": step, "eval": m})
+                        if tb:
+                            folder.scalars(step, {k: v for k, v in m.items() if isinstance(v, float)}, prefix="eval")
+                    if cfg.keep_best:
+                        better = value is not None and math.isfinite(value) and (
+                            not best or value < best["nelbo_nats"])
+                        if ctx.any(better):  # decided on rank 0; every rank saves (the save gathers the noise)
+                            best = {"step": step, "nelbo_nats": value, "since": 0} if ctx.is_main else {"step": step}
+                            best_weights = eval_model().state_dict()
+                            folder.file(BEST_NAME)
+                            save(best_path)
+                        elif best:
+                            best["since"] = best.get("since", 0) + 1
+                        if ctx.is_main and best:
+                            folder.log({"step": step, "best": dict(best)})
+                        if cfg.patience and ctx.any(ctx.is_main and best.get("since", 0) >= cfg.patience):
+                            stopped_early = step
+                            if ctx.is_main:
+                                bar.write(f"step {step}: early stop, no lower validation -ELBO in {cfg.patience} "
+                                          f"evaluations since step {best['step']}", file=sys.stderr)
                 for hook in hooks:
                     hook(state, st)
+                if stopped_early is not None:
+                    break
             train_seconds = time.perf_counter() - t_start
             bar.close()
             if not interrupted:
@@ -492,13 +536,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
         "final_loss": loss_ema, "world_size": ctx.world, "device": str(ctx.device), "precision": cfg.precision,
         "gradient": cfg.gradient, "gradient_plan": gradient_plan or None,
     }
+    if cfg.keep_best:
+        summary["best"] = ({"step": best["step"], "nelbo_nats": best.get("nelbo_nats"), "checkpoint": str(best_path)}
+                           if best_weights is not None else None)
+        summary["stopped_early_at"] = stopped_early
+    report_path = best_path if best_weights is not None else ckpt_path
     t0 = time.perf_counter()
     # under torchrun the final samples are drawn by all ranks (batch i on rank i % world), gathered on rank 0
-    split = {"samples": _sample_across_ranks(eval_model(), cfg, ctx)} if (final_eval and ctx.distributed) else {}
+    split = {"samples": _sample_across_ranks(final_model(), cfg, ctx)} if (final_eval and ctx.distributed) else {}
     if ctx.is_main and final_eval:
         from ..evaluation import evaluate_checkpoint
 
-        metrics, samples = evaluate_checkpoint(ckpt_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
+        metrics, samples = evaluate_checkpoint(report_path, n_samples=cfg.final_samples, n_ode=cfg.final_ode,
                                                ode=cfg.final_ode > 0, lam=cfg.eval_lam, device=ctx.device,
                                                data_dir=cfg.data_dir, batch_size=EVAL_BATCH, return_samples=True,
                                                **split)
@@ -512,11 +561,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
             folder.scalars(state.step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix="final")
         if pictures:
             t0 = time.perf_counter()
-            write_pictures(eval_model(), data, samples, folder, step=state.step, metrics=metrics, seed=cfg.eval_seed,
-                           lam=cfg.eval_lam)
+            write_pictures(final_model(), data, samples, folder, step=metrics.get("step", state.step), metrics=metrics,
+                           seed=cfg.eval_seed, lam=cfg.eval_lam)
             summary["plot_seconds"] = round(time.perf_counter() - t0, 3)
         keys = ("fraction_in_support", "sliced_wasserstein", "nelbo_nats", "ode_nll_nats", "nelbo_bits_per_dim",
                 "ode_bits_per_dim", "fid")
+        if best_weights is not None:
+            log(f"evaluated the best weights: step {best['step']} of {state.step}"
+                + (f" (stopped early at step {stopped_early})" if stopped_early is not None else "")
+                + f"; {best_path}")
         log(f"done: {state.step} steps in {train_seconds:.1f}s ({summary['iters_per_second']} it/s); "
             + " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics) + f"; outputs in {out}")
     folder.close()

@@ -15,13 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKPOINT_NAME", "OUTPUT_NAMES", "RunFolder", "choose_out_dir"]
+__all__ = ["CHECKPOINT_NAME", "BEST_NAME", "OUTPUT_NAMES", "RunFolder", "choose_out_dir"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: the checkpoint of the best periodic evaluation (``--keep-best``)
+BEST_NAME = "best.safetensors"
 #: where ``--overwrite`` keeps the replaced run until the new run's first checkpoint
 PREVIOUS_RUN = ".previous-run"
 #: every file a training run writes into its folder
-OUTPUT_NAMES = (CHECKPOINT_NAME, "log.jsonl", "metrics.json", "samples.npy", "samples.png", "trajectories.png")
+OUTPUT_NAMES = (CHECKPOINT_NAME, BEST_NAME, "log.jsonl", "metrics.json", "samples.npy", "samples.png",
+                "trajectories.png")
 
 
 def _default_name(data: str) -> str:
