@@ -14,7 +14,9 @@ Models:
 * ``fixed-diffflow`` -- the same model trained by the DiffFlow objective;
 * ``nsf`` -- zuko's neural spline flow (5 transforms, 2 x 128, Adam 1e-3, batch 1024; optional: needs zuko).
 
-Sets: ``builtin`` (the six sharp built-ins), ``heldout:K`` (the first K held-out generated sets), ``tuning:K``,
+Sets: ``builtin`` (the six sharp built-ins), ``smooth`` (8gaussians, moons, swissroll: Gaussian noise, so no
+support and no in-support fraction; their entropy is -E log p over the held-out points, with the exact density by
+quadrature), ``heldout:K`` (the first K held-out generated sets), ``tuning:K``,
 or names (``checkerboard``, ``sharp_1003``).
 
     python benchmarks/quality_2d.py --sets builtin,heldout:12 --json quality.json --sheet quality.png
@@ -38,6 +40,7 @@ from diffflow_ext.data import sharp2d, toy2d
 from diffflow_ext.evaluation import sliced_wasserstein
 
 BUILTIN_SHARP = ("checkerboard", "olympic_rings", "four_rings", "2spirals", "sierpinski_carpet", "fractal_tree")
+BUILTIN_SMOOTH = ("8gaussians", "moons", "swissroll")  # Gaussian noise: no support, so no in-support fraction
 MODELS = ("diffflow", "fixed-dsm", "fixed-diffflow", "nsf")
 STEPS = (5, 10, 20, 30)
 STEP_LAMS = (0.0, 1.0)  # samplers of the steps mode: probability-flow ODE and the backward SDE
@@ -65,6 +68,11 @@ class Points:
         self.mean, self.std = self.train.mean(0), self.train.std(0)
         self.log_scale = float(np.log(self.std).sum())
         self.entropy = getattr(self.ds, "entropy", None)
+        self.entropy_se = 0.0
+        if self.entropy is None and hasattr(self.ds, "log_density") and not self.ds.sharp:
+            # smooth sets: -E log p over the held-out points (exact density by quadrature; Monte Carlo error)
+            lp = self.ds.log_density(self.test)
+            self.entropy, self.entropy_se = float(-lp.mean()), float(lp.std() / np.sqrt(len(lp)))
 
     def z(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((x - self.mean) / self.std).float()
@@ -82,6 +90,8 @@ def parse_sets(spec: str) -> list[str]:
         part = part.strip()
         if part == "builtin":
             out += BUILTIN_SHARP
+        elif part == "smooth":
+            out += BUILTIN_SMOOTH
         elif part.startswith(("heldout:", "tuning:")):
             kind, k = part.split(":")
             seeds = sharp2d.HELDOUT_SEEDS if kind == "heldout" else sharp2d.TUNING_SEEDS
@@ -193,7 +203,8 @@ def evaluate(model, info: dict, data: Points, *, n_samples: int, n_ode: int, n_e
     x = data.x(z)
     finite = np.isfinite(x).all(1)
     out["fraction_finite"] = float(finite.mean())
-    out["fraction_in_support"] = float(data.ds.contains(np.where(finite[:, None], x, 1e9)).mean())
+    out["fraction_in_support"] = (float(data.ds.contains(np.where(finite[:, None], x, 1e9)).mean())
+                                  if data.ds.sharp else None)
     out["sliced_wasserstein"] = sliced_wasserstein(x[finite], data.test, seed=seed) if finite.sum() > 1 else None
     zt = data.z(data.test[:n_ode])
     if isinstance(model, NSF):
@@ -204,6 +215,8 @@ def evaluate(model, info: dict, data: Points, *, n_samples: int, n_ode: int, n_e
         nb = model.nll_bound(data.z(data.test[:n_elbo]), torch.Generator().manual_seed(seed + 2))
         out["nelbo_nats"] = float(nb.nats.double().mean()) + data.log_scale
     out["entropy_nats"] = data.entropy
+    if data.entropy_se:
+        out["entropy_se"] = data.entropy_se
     if data.entropy is not None:
         out["ode_nll_gap"] = out["ode_nll_nats"] - data.entropy
     out["_samples"] = x
@@ -261,7 +274,7 @@ def summarize(rows: list[dict], sets: list[str]) -> dict:
             sel = [r for r in mine if pick(r["set"])]
             if not sel:
                 continue
-            frac = [r["fraction_in_support"] for r in sel]
+            frac = [r["fraction_in_support"] for r in sel if r["fraction_in_support"] is not None] or [np.nan]
             gaps = [r["ode_nll_gap"] for r in sel if r.get("ode_nll_gap") is not None]
             summary[f"{model}/{part}"] = {
                 "sets": len(sel), "in_support_median": float(np.median(frac)), "in_support_worst": float(min(frac)),
@@ -301,7 +314,8 @@ def contact_sheet(rows: list[dict], sets: list[str], models: list[str], datas: d
             if pts is not None:
                 ax.scatter(pts[:3000, 0], pts[:3000, 1], s=0.2, c="k" if j == 0 else "C0", rasterized=True)
             r = next((r for r in rows if r["set"] == s and r["model"] == title), None)
-            label = title if r is None else f"{title}: {100 * r['fraction_in_support']:.1f}%"
+            label = title if r is None or r["fraction_in_support"] is None else \
+                f"{title}: {100 * r['fraction_in_support']:.1f}%"
             ax.set_title(label if i or j else f"{s}\n{label}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(s, fontsize=7)
@@ -345,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                          "SAMPLERS, with where the outside samples land (diagnosis)")
     ap.add_argument("--load-models", default=None, metavar="DIR",
                     help="samplers mode: load DIR/SET_diffflow.pt (written by --save-models) instead of training")
-    ap.add_argument("--sets", default="builtin,heldout:12", help="builtin, heldout:K, tuning:K or set names")
+    ap.add_argument("--sets", default="builtin,heldout:12",
+                    help="builtin (the six sharp built-ins), smooth (8gaussians, moons, swissroll), heldout:K, "
+                         "tuning:K or set names")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget", type=float, default=None,
                     help="CPU seconds per baseline (default: the CPU time the DiffFlow defaults took on that set)")
@@ -411,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = evaluate(model, info, data, n_samples=args.samples, n_ode=args.ode, n_elbo=args.elbo,
                              seed=args.seed)
                 rows.append({"set": s, "model": m, **r})
-                print(f"{s} {m}: in support {r['fraction_in_support']:.3f}, ODE NLL {r['ode_nll_nats']:.3f} "
+                print(f"{s} {m}: in support {r['fraction_in_support']}, ODE NLL {r['ode_nll_nats']:.3f} "
                       f"(entropy {r['entropy_nats']}), SW {r['sliced_wasserstein']:.4f}, {r['cpu_seconds']} CPU-s",
                       file=sys.stderr, flush=True)
             else:

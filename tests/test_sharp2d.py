@@ -166,3 +166,25 @@ def test_generated_sets_are_data_sources_for_train_sample_and_eval(tmp_path, cap
     assert res["data"] == "sharp_1003" and 0 <= res["fraction_in_support"] <= 1
     assert main(["sample", str(out), "-n", "50", "--out", str(tmp_path / "s.npy"), "--png", "none"]) == 0
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
+
+
+# the smooth built-ins (Gaussian noise around a curve): no support, but an exact density, so an exact entropy
+SMOOTH_BOXES = {"8gaussians": (1.3, 1.3), "moons": (1.25, 0.8), "swissroll": (1.2, 1.2)}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_BOXES))
+def test_smooth_log_density_is_normalised_and_converged(name):
+    ds = toy2d.get(name)
+    hx, hy = SMOOTH_BOXES[name]
+    assert np.abs(ds.sample_numpy(20_000, 3)).max(0).tolist() < [hx - 0.05, hy - 0.05]  # the box holds the mass
+    u = np.random.default_rng(0).uniform([-hx, -hy], [hx, hy], size=(30_000, 2))
+    p = np.exp(ds.log_density(u)) * (4 * hx * hy)
+    assert abs(p.mean() - 1) < 5 * p.std() / np.sqrt(len(p)) + 1e-3
+    x = ds.sample_numpy(300, 1)
+    if name == "8gaussians":  # closed form
+        c = 0.8 * np.exp(1j * np.arange(8) * np.pi / 4)
+        d2 = np.abs((x[:, 0] + 1j * x[:, 1])[:, None] - c[None]) ** 2
+        ref = np.log(np.exp(-d2 / 0.02).mean(1) / (2 * np.pi * 0.01))
+    else:  # quadrature with 4x the nodes
+        ref = ds.log_density(x, nodes=4 * ds.log_density.__defaults__[0])
+    assert np.abs(ds.log_density(x) - ref).max() < 1e-4
