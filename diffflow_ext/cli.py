@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .likelihood import DEFAULT_ATOL, DEFAULT_RTOL, TRACE_METHODS
 from .training.config import (
     GROUPS,
     MAX_NUM_STEPS,
@@ -77,6 +78,7 @@ def _sampler_names() -> Sequence[str]:
 _COUNT = Range(1, 10**8, integer=True)
 _SEED = Range(0, 2**32 - 1, integer=True)
 _LAM = Range(0, 100)
+_TOL = Range(1e-12, 1.0)
 _S, _EV, _OUT = "sampling", "evaluation", "output"
 
 
@@ -126,6 +128,13 @@ class EvalOptions(SamplingOptions):
     n_nll: int = option(2000, "held-out examples for the negative ELBO", range=_COUNT, group=_EV)
     n_ode: int | None = option(None, "held-out examples for the ODE log-likelihood (0: skip; default: as in "
                                      "training)", range=Range(0, 10**8, integer=True), nullable=True, group=_EV)
+    ode_rtol: float = option(DEFAULT_RTOL, "relative tolerance of the ODE likelihood's adaptive solver (looser is "
+                                           "faster; the error bound is in docs/evaluation.md)", range=_TOL, group=_EV)
+    ode_atol: float = option(DEFAULT_ATOL, "absolute tolerance of the ODE likelihood's adaptive solver", range=_TOL,
+                             group=_EV)
+    ode_trace: str = option("auto", "divergence in the ODE likelihood: exact, hutchinson (one Rademacher probe, "
+                                    "unbiased), auto (exact up to 64 dimensions)", choices=lambda: TRACE_METHODS,
+                            group=_EV)
     draws: int | None = option(None, "dequantisation draws per image for bits/dim (default: 3)", nullable=True,
                                range=Range(1, 1000, integer=True), group=_EV)
     seed: int | None = option(None, "evaluation seed (default: the run's --eval-seed)", range=_SEED, nullable=True,
@@ -760,6 +769,13 @@ def _eval_parser(sub) -> None:
                         overwrite="replace an existing --json file")
 
 
+def _ode_options(o: EvalOptions) -> dict:
+    """The ODE likelihood's options that differ from the library's defaults."""
+    given = {"rtol": o.ode_rtol, "atol": o.ode_atol, "method": o.ode_trace}
+    defaults = {"rtol": DEFAULT_RTOL, "atol": DEFAULT_ATOL, "method": "auto"}
+    return {k: v for k, v in given.items() if v != defaults[k]}
+
+
 def _cmd_eval(args) -> int:
     from .checkpoint import atomic_write_text, load_checkpoint
     from .evaluation import evaluate_checkpoint
@@ -794,6 +810,11 @@ def _cmd_eval(args) -> int:
     device = resolve_device(o.device)
     n_samples = o.n_samples if o.n_samples is not None else int(tc.get("final_samples", 5000))
     n_ode = o.n_ode if o.n_ode is not None else int(tc.get("final_ode", 500))
+    if n_ode == 0:
+        for k in ("ode_rtol", "ode_atol", "ode_trace"):
+            if k in typed:
+                raise CLIError(f"{typed[k]} has no effect: the ODE likelihood is skipped (--n-ode 0"
+                               + ("" if o.n_ode is not None else ", the run's --final-ode") + ")")
     if o.data is not None:
         _check_data_path(o.data, typed.get("data", "--data"))
     try:
@@ -801,7 +822,7 @@ def _cmd_eval(args) -> int:
             args.checkpoint, data=o.data, data_dir=o.data_dir, split=o.split, n_samples=n_samples,
             n_heldout=o.n_heldout, n_nll=o.n_nll, n_ode=n_ode, seed=o.seed, use_ema=not args.no_ema, ode=n_ode > 0,
             draws=o.draws, device=device, batch_size=o.batch_size, fid={"auto": None, "on": True, "off": False}[o.fid],
-            fid_weights=o.fid_weights, **plan,
+            fid_weights=o.fid_weights, ode_options=_ode_options(o), **plan,
         )
     except ValueError as e:
         raise _stored_data_error(e, ck) from None

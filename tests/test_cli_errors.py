@@ -307,6 +307,29 @@ def test_eval_options_that_vectors_would_ignore(run_dir, capsys, args, flag):
     _one_line_error(rc, lines, flag=flag, code=2)
 
 
+@pytest.mark.parametrize("args,flag", [(["--ode-rtol", "1e-3"], "--ode-rtol"), (["--ode-trace", "exact"], "--ode-trace"),
+                                       (["--ode-atol", "0"], "--ode-atol"), (["--ode-trace", "magic"], "--ode-trace")])
+def test_eval_ode_options_that_would_be_ignored_or_are_invalid(run_dir, capsys, args, flag):
+    rc, lines = _run(["eval", run_dir, "--n-ode", "0", *args], capsys)  # the run's --final-ode is 0 as well
+    _one_line_error(rc, lines, flag=flag, code=2)
+
+
+def test_eval_ode_tolerances_reach_the_solver(run_dir, capsys):
+    """--ode-rtol/--ode-atol/--ode-trace change the ODE likelihood's computation and are stated in the output; a
+    loose tolerance stays near the default's value (a tiny model: the trajectories are smooth)."""
+    res = {}
+    for extra in ([], ["--ode-rtol", "1e-2", "--ode-atol", "1e-2"], ["--ode-trace", "hutchinson"]):
+        capsys.readouterr()
+        assert main(["eval", str(run_dir), "--n-ode", "40", "--n-nll", "10", "--n-samples", "10", *extra]) == 0
+        res[" ".join(extra)] = json.loads(capsys.readouterr().out)
+    base, loose, hutch = res.values()
+    assert "ode_options" not in base
+    assert loose["ode_options"] == {"rtol": 1e-2, "atol": 1e-2} and hutch["ode_options"] == {"method": "hutchinson"}
+    assert loose["ode_nll_nats"] != base["ode_nll_nats"] != hutch["ode_nll_nats"]
+    assert abs(loose["ode_nll_nats"] - base["ode_nll_nats"]) < 0.05
+    assert abs(hutch["ode_nll_nats"] - base["ode_nll_nats"]) < 5 * hutch["ode_nll_nats_se"] + 0.05
+
+
 def test_eval_json_refuses_existing_file(run_dir, tmp_path, capsys):
     j = tmp_path / "m.json"
     j.write_text("keep me")

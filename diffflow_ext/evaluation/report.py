@@ -107,6 +107,7 @@ def evaluate_model(
     fid_n_reference: int | None = None,
     method: str = "em",
     sampler_options: dict | None = None,
+    ode_options: dict | None = None,
     samples: torch.Tensor | None = None,
     return_samples: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], np.ndarray]:
@@ -117,7 +118,8 @@ def evaluate_model(
     for images when weights are
     available, ``True`` requires them, ``False`` skips; the reference is the first ``fid_n_reference`` images
     (default all) of split ``fid_reference`` (default: ``split``; e.g. ``"train"`` for CIFAR-10).
-    ``method`` / ``sampler_options`` choose the sampler;
+    ``method`` / ``sampler_options`` choose the sampler; ``ode_options``: keyword arguments of the ODE likelihood
+    (:meth:`DiffFlow.log_prob`: ``rtol``, ``atol``, ``method`` of the trace, ``solver``...), stated in the output;
     ``samples``: model-space samples drawn elsewhere (e.g. gathered from several ranks with
     :func:`sample_model`), used instead of sampling here. Samples are returned in data space (``uint8`` images).
     """
@@ -136,9 +138,11 @@ def evaluate_model(
         _put(out, "nelbo", "nelbo", r)
         out["nelbo_n"] = r.n
     if ode and (n_ode is None or n_ode > 0):
-        r = bits_per_dim(model, source, n=n_ode, bound="ode", seed=seed + 2, **common)
+        r = bits_per_dim(model, source, n=n_ode, bound="ode", seed=seed + 2, **common, **(ode_options or {}))
         _put(out, "ode_nll", "ode", r)
         out["ode_n"] = r.n
+        if ode_options:
+            out["ode_options"] = dict(ode_options)
 
     # samples
     if samples is None:
