@@ -199,3 +199,20 @@ def test_source_preset_reaches_the_model():
     model = build_model(cfg, (1, 8, 8), torch.device("cpu"))
     assert model.prior_std == 0.5 and model.num_steps == 10
     assert config.resolve_config("points", {}).prior_std == 1.0
+
+
+def test_choosing_another_network_drops_the_presets_network_arguments(tmp_path, capsys):
+    """The digits preset sizes its MLP (hidden 512); `diffflow train digits --network unet-digits` must not fail on
+    a --hidden the user never typed. The preset's other options (prior, N, lr...) still apply."""
+    from diffflow_ext.training import config
+
+    cfg = config.resolve_config("image", {"network": "unet-digits"}, "digits")
+    assert cfg.network == "unet-digits" and cfg.hidden == config.TrainConfig().hidden and cfg.network_options == {}
+    assert (cfg.prior, cfg.num_steps) == (config.SOURCE_PRESETS["digits"]["prior"], 10)
+    # what the user types is kept, and still checked against the network
+    with pytest.raises(config.ConfigError, match="hidden"):
+        config.resolve_config("image", {"network": "unet-digits", "hidden": 128}, "digits")
+    _ok(["train", "digits", "--network", "unet-digits", "--network-option", "base_channels=8", "--iters", "1",
+         "--batch-size", "8", "--eval-every", "0", "--final-samples", "8", "--final-ode", "0", "--no-progress",
+         "--out", str(tmp_path / "u")])
+    assert json.loads((tmp_path / "u" / "metrics.json").read_text())["training"]["step"] == 1

@@ -514,11 +514,16 @@ def resolve_config(kind: str, explicit: Mapping[str, Any], source: str | None = 
     registered data source's name) < ``explicit`` (what the user set).
 
     Setting ``num_steps`` without ``progressive`` means a fixed N; setting both (progressive not none)
-    contradicts itself and is an error.
+    contradicts itself and is an error. Choosing another ``network`` than the preset's drops the preset's
+    arguments of its network (MLP sizes, ``network_options``).
     """
     if kind not in PRESETS:
         raise ValueError(f"kind: expected one of {', '.join(PRESETS)}, got {kind!r}")
-    values = {**PRESETS[kind], **SOURCE_PRESETS.get(str(source).lower(), {}), **explicit}
+    preset = {**PRESETS[kind], **SOURCE_PRESETS.get(str(source).lower(), {})}
+    if "network" in explicit and explicit["network"] != preset.get("network", _DEFAULTS["network"]):
+        for k in ("hidden", "depth", "time_dim", "network_options"):  # arguments of the preset's own network
+            preset.pop(k, None)
+    values = {**preset, **explicit}
     conflicts = explicit_conflicts(explicit, values.get("lr_schedule", _DEFAULTS["lr_schedule"]))
     if conflicts:
         raise ConfigError(conflicts, "conflicting options")
