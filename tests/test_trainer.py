@@ -250,6 +250,34 @@ def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_previous_run_
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
 
 
+def test_an_overwrite_killed_before_its_first_checkpoint_is_explained_and_recoverable(tmp_path):
+    """A SIGKILL cannot be cleaned up after: the folder then holds the replaced run in .previous-run/ and the new
+    run's first files. Every later run into it says so (one message, nothing touched), and moving the files back
+    restores the old run."""
+    from diffflow_ext.training.run import PREVIOUS_RUN
+
+    _run(tmp_path, "r", iters=3)
+    r = tmp_path / "r"
+    (r / PREVIOUS_RUN).mkdir()
+    for p in list(r.iterdir()):
+        if p.name != PREVIOUS_RUN:
+            p.rename(r / PREVIOUS_RUN / p.name)
+    (r / "log.jsonl").write_text('{"step": 1}\n')  # what the killed run had written
+    before = {str(p.relative_to(r)): p.read_bytes() for p in r.rglob("*") if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"killed before its first checkpoint; the run it replaced is "
+                                                  r"intact in .*\.previous-run"):
+            train(TrainConfig(**{**TINY, "iters": 5, "out": str(r)}), overwrite=overwrite, progress=False,
+                  final_eval=False, log=lambda s: None)
+    assert {str(p.relative_to(r)): p.read_bytes() for p in r.rglob("*") if p.is_file()} == before
+    for p in list((r / PREVIOUS_RUN).iterdir()):
+        os.replace(p, r / p.name)
+    (r / PREVIOUS_RUN).rmdir()
+    res = train(TrainConfig(**{**TINY, "iters": 5, "out": str(r)}), resume=str(r), progress=False, final_eval=False,
+                log=lambda s: None)
+    assert res["step"] == 5 and res["steps_run"] == 2
+
+
 def test_train_step_matches_a_hand_written_step():
     """``train_step`` with one shard == zero_grad / loss / backward / clip / Adam step / scheduler / EMA."""
     from diffflow_ext.data import get_data_source

@@ -54,6 +54,11 @@ def choose_out_dir(out: str | None, *, data: str, resume: str | None, overwrite:
                 raise FileExistsError(
                     f"--out {out} already holds a training run; use --resume {folder / CHECKPOINT_NAME} to "
                     "continue it, --overwrite to replace it, or another --out")
+            if PREVIOUS_RUN in entries and not (folder / CHECKPOINT_NAME).exists():
+                raise FileExistsError(
+                    f"--out {out}: an --overwrite of this folder was killed before its first checkpoint; the run it "
+                    f"replaced is intact in {folder / PREVIOUS_RUN} (move its files back into {out} to keep it, or "
+                    "delete that folder and this one's other files to start afresh)")
             if entries and not (folder / CHECKPOINT_NAME).exists():
                 raise FileExistsError(
                     f"--out {out}: folder is not empty and holds no training run ({', '.join(sorted(entries)[:3])}"
