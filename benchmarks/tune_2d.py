@@ -95,12 +95,45 @@ class ThinTree(toy2d.FractalTree):
 ANALOGUES = {"fine_grid": FineGrid, "thin_tree": ThinTree}
 
 
+class FourierMLP(torch.nn.Module):
+    """Harness-only candidate network ``"fourier-mlp"`` (a representation ablation, not a library network): the
+    TimeMLP with Fourier features of x, ``[sin, cos](w_k u_j . x)`` for ``n_freq`` frequencies log-spaced in
+    ``[1, max_freq]`` (model units) along ``n_dir`` directions, appended to its input."""
+
+    def __init__(self, dim: int, hidden: int = 64, depth: int = 3, time_dim: int = 32, n_freq: int = 6,
+                 max_freq: float = 32.0, n_dir: int = 4):
+        super().__init__()
+        from diffflow_ext.networks import TimeMLP
+
+        ang = torch.arange(n_dir, dtype=torch.float64) * (np.pi / n_dir)
+        dirs = torch.stack([torch.cos(ang), torch.sin(ang)], 1)  # (n_dir, 2); 2-D data
+        freqs = torch.logspace(0, np.log10(max_freq), n_freq, dtype=torch.float64)
+        self.register_buffer("proj", (dirs[:, None, :] * freqs[None, :, None]).reshape(-1, dim).T.float().contiguous())
+        self.mlp = TimeMLP(dim, hidden, depth, time_dim)
+        first = self.mlp.body[0]
+        self.mlp.body[0] = torch.nn.Linear(first.in_features + 2 * self.proj.shape[1], hidden)
+        self.dim = dim
+
+    def forward(self, x, t):
+        a = x @ self.proj
+        h = torch.cat([x, torch.sin(a), torch.cos(a), self.mlp.time_embed(t).to(x.dtype)], dim=-1)
+        return self.mlp.out(self.mlp.body(h))
+
+
+def _register_candidates() -> None:
+    from diffflow_ext.networks import register_network
+
+    register_network("fourier-mlp", FourierMLP, shape_kwargs=lambda shape: {"dim": int(np.prod(shape))},
+                     replace=True)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
+    _register_candidates()
     ap = _Parser(prog="tune_2d.py", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a label for the candidate (printed on every row)")
