@@ -193,7 +193,7 @@ def test_source_preset_reaches_the_model():
     from diffflow_ext.training.loop import build_model
 
     cfg = config.resolve_config("image", {}, "digits")
-    assert (cfg.prior_std, cfg.num_steps, cfg.network) == (0.5, 10, "mlp")
+    assert (cfg.prior_std, cfg.num_steps, cfg.network) == (0.5, 10, "unet-digits")
     import torch
 
     model = build_model(cfg, (1, 8, 8), torch.device("cpu"))

@@ -1,0 +1,82 @@
+"""Fourier features of x in the MLP (``TimeMLP(x_freqs=...)``, the 2-D points preset): exact features, the plain
+network unchanged when off, the fast first-layer path equal to the plain one, checkpoint round trip, and gradients
+of every gradient mode equal to autograd's."""
+
+import math
+
+import pytest
+import torch
+
+from diffflow_ext import DiffFlow
+from diffflow_ext.networks import TimeMLP, build_network, build_network_from_config
+from diffflow_ext.networks.embeddings import FourierFeatures
+from diffflow_ext.training.config import PRESETS, resolve_config
+
+
+def test_features_are_sin_and_cos_of_the_projections():
+    f = FourierFeatures(2, n_freq=6, max_freq=32.0, n_dir=4)
+    assert f.out_dim == 48
+    x = torch.randn(20, 2, dtype=torch.float64)
+    freqs = [32.0 ** (k / 5) for k in range(6)]
+    a = torch.stack([w * (math.cos(math.pi * j / 4) * x[:, 0] + math.sin(math.pi * j / 4) * x[:, 1])
+                     for j in range(4) for w in freqs], 1)
+    torch.testing.assert_close(f(x), torch.cat([a.sin(), a.cos()], 1), rtol=0, atol=1e-5 * 32 * x.abs().max())
+    assert freqs[0] == 1 and freqs[-1] == pytest.approx(32)
+    assert FourierFeatures(5, n_freq=3).out_dim == 2 * 5 * 3  # other dims: the coordinate axes
+    assert not dict(f.state_dict())  # deterministic from the arguments: nothing in checkpoints
+
+
+@pytest.mark.parametrize("kwargs, match", [({"n_freq": 0}, "n_freq"), ({"max_freq": 0.5}, "max_freq"),
+                                           ({"n_dir": 0}, "n_dir"), ({"max_freq": float("inf")}, "max_freq")])
+def test_feature_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FourierFeatures(2, **kwargs)
+
+
+def test_off_is_the_plain_mlp():
+    torch.manual_seed(0)
+    a = TimeMLP(2, 64, 3, 32)
+    torch.manual_seed(0)
+    b = TimeMLP(2, 64, 3, 32, x_freqs=0)
+    assert a.config() == b.config() == {"dim": 2, "hidden": 64, "depth": 3, "time_dim": 32}
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="x_freqs"):
+        TimeMLP(2, x_freqs=-1)
+
+
+def test_shared_time_path_equals_the_concatenated_input_and_round_trips():
+    torch.manual_seed(1)
+    net = build_network("mlp", data_shape=(2,), hidden=32, depth=2, time_dim=16, x_freqs=6).double()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(9, 2, dtype=torch.float64)
+    t = torch.full((1,), 0.02, dtype=torch.float64)
+    shared, per_sample = net(x, t.expand(9)), net(x, t.repeat(9))  # stride 0 (fast path) vs a real batch of times
+    torch.testing.assert_close(shared, per_sample, rtol=1e-12, atol=1e-12)
+    again = build_network_from_config(net.network_config).double()
+    again.load_state_dict(net.state_dict())
+    torch.testing.assert_close(again(x, t.expand(9)), shared, rtol=0, atol=0)
+    assert net.body[0].in_features == 2 + 48 + 16
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "auto"])
+def test_gradients_equal_autograd(gradient):
+    grads = {}
+    for mode in ("autograd", gradient):
+        torch.manual_seed(2)
+        nets = [TimeMLP(2, 16, 2, 8, zero_init=False, x_freqs=3).double() for _ in range(2)]
+        model = DiffFlow(*nets, (2,), num_steps=6, diffusion={"start": 0.2, "end": 1.0}, gradient=mode).double()
+        x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        model.loss(x, torch.Generator().manual_seed(4)).backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["autograd"], grads[gradient]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_points_preset_uses_features_and_an_option_merges_over_them():
+    assert PRESETS["points"]["network_options"] == {"x_freqs": 6}
+    assert resolve_config("points", {}).network_options == {"x_freqs": 6}
+    merged = resolve_config("points", {"network_options": {"x_max_freq": 16.0}}).network_options
+    assert merged == {"x_freqs": 6, "x_max_freq": 16.0}
+    assert resolve_config("points", {"network_options": {"x_freqs": 0}}).network_options == {"x_freqs": 0}
