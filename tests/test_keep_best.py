@@ -113,3 +113,16 @@ def test_keep_best_needs_a_validation_split_and_writes_nothing(tmp_path):
 def test_inconsistent_options_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kw)
+
+
+def test_a_presets_early_stopping_gives_way_to_eval_every_0():
+    """The digits preset stops early; `--eval-every 0` (no evaluations to compare) turns that off instead of failing
+    on a --keep-best the user never typed; typing both is still an error."""
+    from diffflow_ext.training.config import SOURCE_PRESETS, resolve_config
+
+    assert SOURCE_PRESETS["digits"].get("keep_best") is True
+    cfg = resolve_config("image", {"eval_every": 0}, "digits")
+    assert cfg.keep_best is False and cfg.patience == 0 and cfg.eval_every == 0
+    assert resolve_config("image", {}, "digits").keep_best is True
+    with pytest.raises(ConfigError, match="keep_best compares the periodic evaluations"):
+        resolve_config("image", {"eval_every": 0, "keep_best": True}, "digits")

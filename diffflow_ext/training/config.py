@@ -521,6 +521,7 @@ def resolve_config(kind: str, explicit: Mapping[str, Any], source: str | None = 
     contradicts itself and is an error. Choosing another ``network`` than the preset's drops the preset's
     arguments of its network (MLP sizes, ``network_options``); for the same network, explicit ``network_options``
     are merged over the preset's (``--network-option x_freqs=0`` turns the points preset's Fourier features off).
+    ``eval_every=0`` without ``keep_best`` turns a preset's early stopping off (it compares evaluations).
     """
     if kind not in PRESETS:
         raise ValueError(f"kind: expected one of {', '.join(PRESETS)}, got {kind!r}")
@@ -528,6 +529,9 @@ def resolve_config(kind: str, explicit: Mapping[str, Any], source: str | None = 
     if "network" in explicit and explicit["network"] != preset.get("network", _DEFAULTS["network"]):
         for k in ("hidden", "depth", "time_dim", "network_options"):  # arguments of the preset's own network
             preset.pop(k, None)
+    if explicit.get("eval_every") == 0 and "keep_best" not in explicit:  # a preset's early stopping needs evaluations
+        preset.pop("keep_best", None)
+        preset.pop("patience", None)
     values = {**preset, **explicit}
     if isinstance(explicit.get("network_options"), dict) and isinstance(preset.get("network_options"), dict):
         # a --network-option adds to (or overrides one of) the preset's options of the same network
