@@ -74,6 +74,9 @@ CONFIGS: dict[str, dict] = {
                                         "prior": "learned"}},
     "df-unet": {**_DF, "batch": 128, "network": "unet-digits", "network_kwargs": {},
                 "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 0.05}},
+    # unet-digits with the learned prior: the validation winner of session 14 (docs/images.md), batch 32, lr 2e-3
+    "df-unet-lp": {**_DF, "batch": 32, "lr": 2e-3, "network": "unet-digits", "network_kwargs": {},
+                   "model": {"num_steps": 10, "diffusion": 1.0, "t_end": 0.05, "prior_std": 0.5, "prior": "learned"}},
     "maf": {"kind": "flow", "flow": "maf", "flow_kwargs": {"transforms": 5, "hidden": 256, "depth": 2},
             "batch": 256, "lr": 1e-3, "ema": 0.999, "clip": 1.0},
     "nsf": {"kind": "flow", "flow": "nsf", "flow_kwargs": {"transforms": 3, "hidden": 256, "depth": 2, "bins": 8},
@@ -286,7 +289,11 @@ def sample_grid(tr: Trainer, name: str, args) -> Path:
 
     Path(args.grid_dir).mkdir(parents=True, exist_ok=True)
     with tr.eval_weights() as model:
-        z = model.sample(64, lam=1.0, generator=torch.Generator(tr.device).manual_seed(0))
+        model.eval()  # dropout off while sampling
+        try:
+            z = model.sample(64, lam=1.0, generator=torch.Generator(tr.device).manual_seed(0))
+        finally:
+            model.train()
     path = Path(args.grid_dir) / f"{args.dataset}_{name}_samples.png"
     images = tr.source.transform.to_data(z.cpu())
     return grid(images, path, levels=tr.source.levels, title=f"{args.dataset} {name}: 64 samples (lambda=1)")
