@@ -72,17 +72,20 @@ def test_the_best_evaluation_is_kept_and_reported_and_patience_stops(tmp_path, s
     assert [r["best"]["step"] for r in records if "best" in r] == [2, 4, 4, 4]
 
 
-def test_without_patience_the_run_trains_all_iterations(tmp_path, scripted):
-    scripted({2: 5.0, 4: 6.0, 6: 1.0, 8: 2.0})
-    s = train(TrainConfig(**BASE, iters=10, keep_best=True, out=str(tmp_path / "r")), final_eval=False,
+def test_without_patience_the_run_trains_all_iterations_and_compares_the_last_step(tmp_path, scripted):
+    seen = scripted({2: 5.0, 4: 6.0, 6: 1.0, 8: 2.0, 9: 0.5})
+    s = train(TrainConfig(**BASE, iters=9, keep_best=True, out=str(tmp_path / "r")), final_eval=False,
               **_quiet())
-    assert s["step"] == 10 and s["stopped_early_at"] is None and s["best"]["step"] == 6
+    # the last step (not a multiple of eval_every) is compared too: a run still improving keeps its last weights
+    assert [st for _, st in seen] == [2, 4, 6, 8, 9] and {sp for sp, _ in seen} == {"val"}
+    assert s["step"] == 9 and s["stopped_early_at"] is None and s["best"]["step"] == 9
+    assert load_checkpoint(tmp_path / "r" / "best.safetensors").step == 9
 
 
 def test_best_state_survives_resume(tmp_path, scripted):
-    scripted({2: 5.0, 4: 3.0, 6: 4.0, 8: 4.5, 10: 2.0})
+    scripted({2: 5.0, 4: 3.0, 6: 4.0, 8: 4.5, 10: 2.0, 12: 2.5})
     kw = dict(BASE, keep_best=True, patience=3)
-    train(TrainConfig(**kw, iters=7, out=str(tmp_path / "r")), final_eval=False, **_quiet())
+    train(TrainConfig(**kw, iters=6, out=str(tmp_path / "r")), final_eval=False, **_quiet())
     assert load_checkpoint(tmp_path / "r" / "checkpoint.safetensors").extra["best"]["since"] == 1
     s = train(TrainConfig(**kw, iters=12, out=str(tmp_path / "r")), resume=str(tmp_path / "r"), final_eval=False,
               **_quiet())
@@ -95,7 +98,7 @@ def test_a_real_run_keeps_its_lowest_validation_evaluation(tmp_path):
     s = train(TrainConfig(**BASE, iters=8, keep_best=True, out=str(tmp_path / "r")), final_eval=False, **_quiet())
     records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval"]["nelbo_nats"] for r in records if "eval" in r}
-    assert sorted(evals) == [2, 4, 6] and all(r["eval"]["split"] == "val" for r in records if "eval" in r)
+    assert sorted(evals) == [2, 4, 6, 8] and all(r["eval"]["split"] == "val" for r in records if "eval" in r)
     assert s["best"]["step"] == min(evals, key=evals.get) and s["best"]["nelbo_nats"] == min(evals.values())
 
 

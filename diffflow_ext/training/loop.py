@@ -464,7 +464,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.iters:
                     save(ckpt_path)
                     have_checkpoint = True
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
+                # periodic evaluations (the last step's is the final evaluation, on the test split) -- with
+                # --keep-best the last step is also compared on the validation split, so a run still improving
+                # keeps its last weights
+                if cfg.eval_every and ((step % cfg.eval_every == 0 and step < cfg.iters)
+                                       or (cfg.keep_best and step == cfg.iters)):
                     value = None
                     if ctx.is_main:
                         from ..evaluation import evaluate_model
