@@ -142,7 +142,8 @@ def test_torchrun_early_stopping_equals_single_process(tmp_path):
     """--keep-best/--patience under torchrun: rank 0 evaluates, every rank follows its decisions (saves the best
     checkpoint together, stops together); the result equals one process with the same shards."""
     # lr 0.7 makes the validation -ELBO turn up (measured: best at step 12, early stop at 14 of 16)
-    common = ["--shards", "2", "--iters", "16", "--dtype", "float64", "--hidden", "16", "--depth", "1", "-N", "3",
+    common = ["--shards", "2", "--iters", "16", "--dtype", "float64", "--network", "mlp", "--hidden", "16", "--depth",
+              "1", "-N", "3",
               "--batch-size", "32", "--lr", "0.7", "--ema", "0", "--eval-every", "2", "--eval-samples", "16",
               "--keep-best", "--patience", "1", "--final-ode", "0", "--final-samples", "32", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -151,7 +152,8 @@ def test_torchrun_early_stopping_equals_single_process(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = resolve_config("image", dict(
-        data="digits", out=str(tmp_path / "one"), shards=2, iters=16, dtype="float64", hidden=16, depth=1, num_steps=3,
+        data="digits", out=str(tmp_path / "one"), shards=2, iters=16, dtype="float64", network="mlp", hidden=16,
+        depth=1, num_steps=3,
         batch_size=32, lr=0.7, ema=0.0, eval_every=2, eval_samples=16, keep_best=True, patience=1, final_ode=0,
         final_samples=32), "digits")
     one = train(cfg, progress=False, final_eval=False, log=lambda s: None)
