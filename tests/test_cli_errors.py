@@ -307,8 +307,9 @@ def test_eval_options_that_vectors_would_ignore(run_dir, capsys, args, flag):
     _one_line_error(rc, lines, flag=flag, code=2)
 
 
-@pytest.mark.parametrize("args,flag", [(["--ode-rtol", "1e-3"], "--ode-rtol"), (["--ode-trace", "exact"], "--ode-trace"),
-                                       (["--ode-atol", "0"], "--ode-atol"), (["--ode-trace", "magic"], "--ode-trace")])
+@pytest.mark.parametrize("args,flag", [(["--ode-rtol", "1e-3"], "--ode-rtol"),
+                                       (["--ode-trace", "exact"], "--ode-trace"), (["--ode-atol", "0"], "--ode-atol"),
+                                       (["--ode-trace", "magic"], "--ode-trace")])
 def test_eval_ode_options_that_would_be_ignored_or_are_invalid(run_dir, capsys, args, flag):
     rc, lines = _run(["eval", run_dir, "--n-ode", "0", *args], capsys)  # the run's --final-ode is 0 as well
     _one_line_error(rc, lines, flag=flag, code=2)
