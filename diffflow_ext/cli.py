@@ -771,9 +771,9 @@ def _eval_parser(sub) -> None:
 
 def _ode_options(o: EvalOptions) -> dict:
     """The ODE likelihood's options that differ from the library's defaults."""
-    given = {"rtol": o.ode_rtol, "atol": o.ode_atol, "method": o.ode_trace}
-    defaults = {"rtol": DEFAULT_RTOL, "atol": DEFAULT_ATOL, "method": "auto"}
-    return {k: v for k, v in given.items() if v != defaults[k]}
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalOptions)}
+    names = {"ode_rtol": "rtol", "ode_atol": "atol", "ode_trace": "method"}  # option -> DiffFlow.log_prob argument
+    return {arg: getattr(o, k) for k, arg in names.items() if getattr(o, k) != defaults[k]}
 
 
 def _cmd_eval(args) -> int:

@@ -101,15 +101,20 @@ def test_ddp_gradients_equal_single_process(ddp_grads, name):
     assert any(np.abs(v).max() > 0 for v in ref.values())
 
 
+def _torchrun_train(tmp_path, data: str, args: list[str]) -> None:
+    """``torchrun --nproc_per_node 2 -m diffflow_ext.train DATA --out tmp_path/ddp ARGS``; must succeed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffflow_ext.train", data, "--out", str(tmp_path / "ddp"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_torchrun_trainer_equals_single_process(tmp_path):
     common = ["--shards", "2", "--iters", "3", "--dtype", "float64", "--hidden", "16", "--depth", "2", "-N", "4",
               "--batch-size", "64", "--grid", "flexible", "--lr", "1e-2", "--ema", "0.9", "--eval-every", "0",
               "--final-ode", "0", "--final-samples", "1200", "--no-progress", "--seed", "5"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffflow_ext.train", "checkerboard", "--out", str(tmp_path / "ddp"), *common]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _torchrun_train(tmp_path, "checkerboard", common)
     # the same options as the command line above, with the same per-kind presets the CLI applies
     cfg = resolve_config("points", dict(
         data="checkerboard", out=str(tmp_path / "one"), shards=2, iters=3, dtype="float64", hidden=16, depth=2,
@@ -142,20 +147,15 @@ def test_torchrun_early_stopping_equals_single_process(tmp_path):
     """--keep-best/--patience under torchrun: rank 0 evaluates, every rank follows its decisions (saves the best
     checkpoint together, stops together); the result equals one process with the same shards."""
     # lr 0.7 makes the validation -ELBO turn up (measured: best at step 12, early stop at 14 of 16)
-    common = ["--shards", "2", "--iters", "16", "--dtype", "float64", "--network", "mlp", "--hidden", "16", "--depth",
-              "1", "-N", "3",
-              "--batch-size", "32", "--lr", "0.7", "--ema", "0", "--eval-every", "2", "--eval-samples", "16",
-              "--keep-best", "--patience", "1", "--final-ode", "0", "--final-samples", "32", "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffflow_ext.train", "digits", "--out", str(tmp_path / "ddp"), *common]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    common = ["--shards", "2", "--iters", "16", "--dtype", "float64", "--network", "mlp", "--hidden", "16",
+              "--depth", "1", "-N", "3", "--batch-size", "32", "--lr", "0.7", "--ema", "0", "--eval-every", "2",
+              "--eval-samples", "16", "--keep-best", "--patience", "1", "--final-ode", "0", "--final-samples", "32",
+              "--no-progress"]
+    _torchrun_train(tmp_path, "digits", common)
     cfg = resolve_config("image", dict(
         data="digits", out=str(tmp_path / "one"), shards=2, iters=16, dtype="float64", network="mlp", hidden=16,
-        depth=1, num_steps=3,
-        batch_size=32, lr=0.7, ema=0.0, eval_every=2, eval_samples=16, keep_best=True, patience=1, final_ode=0,
-        final_samples=32), "digits")
+        depth=1, num_steps=3, batch_size=32, lr=0.7, ema=0.0, eval_every=2, eval_samples=16, keep_best=True,
+        patience=1, final_ode=0, final_samples=32), "digits")
     one = train(cfg, progress=False, final_eval=False, log=lambda s: None)
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["training"]["best"]["step"] == one["best"]["step"] == m["step"]

@@ -356,10 +356,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
 
         net = DDP(state.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    def eval_model() -> DiffFlow:
+    def eval_model(weights: dict[str, torch.Tensor] | None = None) -> DiffFlow:
+        """A copy of the model for evaluation: with ``weights``, those; else the current (EMA) weights."""
         m = DiffFlow.from_config(state.model.config()).to(device=ctx.device, dtype=DTYPES[cfg.dtype])
-        m.load_state_dict(state.model.state_dict())
-        if state.ema is not None:
+        m.load_state_dict(weights if weights is not None else state.model.state_dict())
+        if weights is None and state.ema is not None:
             state.ema.copy_to(m)
         return m.eval()
 
@@ -373,11 +374,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, ck, *, resume, overwrite, progres
 
     def final_model() -> DiffFlow:
         """The weights the run reports: the best evaluation's with --keep-best, else the last (EMA) ones."""
-        if best_weights is None:
-            return eval_model()
-        m = DiffFlow.from_config(state.model.config()).to(device=ctx.device, dtype=DTYPES[cfg.dtype])
-        m.load_state_dict(best_weights)
-        return m.eval()
+        return eval_model(best_weights)
 
     def save(path: Path) -> None:
         if not _is_finite_model(state.model):  # the same weights on every rank: all of them stop
