@@ -489,7 +489,9 @@ def _train_plan(args) -> tuple[TrainConfig, Any, Any]:
     if "shards" not in explicit:
         explicit["shards"] = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        first = resolve_config("points", {**explicit, "data": data})  # every option checked before data is read
+        # every option checked before data is read (with the named source's own preset: it may enable options that
+        # others depend on, e.g. the digits preset's keep_best for --patience)
+        first = resolve_config("points", {**explicit, "data": data}, data)
         _check_backend(first, name)
         source = build_data(first)
         cfg = resolve_config(source.kind, {**explicit, "data": data}, data)  # the defaults of this data

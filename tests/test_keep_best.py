@@ -129,3 +129,16 @@ def test_a_presets_early_stopping_gives_way_to_eval_every_0():
     assert resolve_config("image", {}, "digits").keep_best is True
     with pytest.raises(ConfigError, match="keep_best compares the periodic evaluations"):
         resolve_config("image", {"eval_every": 0, "keep_best": True}, "digits")
+
+
+def test_patience_on_the_command_line_uses_the_presets_early_stopping(tmp_path):
+    """`diffflow train digits --patience K`: the digits preset keeps the best evaluation, so --patience alone is
+    valid there (the options are checked before the data is read, with the source's preset)."""
+    from diffflow_ext.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "digits", "--patience", "3", "--network", "mlp", "--hidden", "8", "--depth", "1",
+                 "--iters", "2", "--eval-every", "1", "--eval-samples", "8", "--final-samples", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["training"]["best"]["step"] in (1, 2) and (out / "best.safetensors").is_file()
