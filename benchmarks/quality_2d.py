@@ -160,12 +160,13 @@ def train_for(loss_fn, params, data: Points, budget: float, *, batch: int, lr: f
     return it
 
 
-def fixed_drift_model(gradient: str = "autograd"):
-    return fixed_drift_diffusion(2, beta=8.0, t_end=1.0, num_steps=30, hidden=64, depth=3, gradient=gradient)
+def fixed_drift_model(gradient: str = "autograd", time_exponent: float = 1.0):
+    return fixed_drift_diffusion(2, beta=8.0, t_end=1.0, num_steps=30, hidden=64, depth=3, gradient=gradient,
+                                 time_exponent=time_exponent)
 
 
 def train_model(name: str, data: Points, seed: int, budget: float | None, iters: int | None,
-                options: dict | None = None):
+                options: dict | None = None, fixed_time_exponent: float = 1.0):
     """Train model ``name``; returns (model, info dict with cpu seconds and iterations)."""
     torch.manual_seed(seed)
     t0 = _cpu()
@@ -173,7 +174,7 @@ def train_model(name: str, data: Points, seed: int, budget: float | None, iters:
         model, cfg = train_diffflow_defaults(data, seed, iters, options)
         info = {"iters": cfg.iters, "eval_lam": cfg.eval_lam}
     elif name in ("fixed-dsm", "fixed-diffflow"):
-        model = fixed_drift_model()
+        model = fixed_drift_model(time_exponent=fixed_time_exponent)
         params = [p for p in model.parameters() if p.requires_grad]
         if name == "fixed-dsm":
             def loss_fn(x, gen):
@@ -374,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="CPU seconds per baseline (default: the CPU time the DiffFlow defaults took on that set)")
     ap.add_argument("--iters", type=int, default=None, help="override the DiffFlow default iterations (diagnosis)")
+    ap.add_argument("--fixed-time-exponent", type=float, default=1.0, metavar="E",
+                    help="the fixed-drift baselines' time grid: t^E uniform (1: uniform in t; < 1 puts more of the N "
+                         "steps near the data)")
     ap.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a DiffFlow training default (ablation), e.g. --option diffusion=0.2")
     ap.add_argument("--samples", type=int, default=5000)
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.save each trained model to DIR/SET_MODEL.pt (diagnosis: re-sample without retraining)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if not 0 < args.fixed_time_exponent <= 1:
+        ap.error(f"--fixed-time-exponent: expected a number in (0, 1], got {args.fixed_time_exponent}")
     torch.set_num_threads(args.threads)
     sets = parse_sets(args.sets)
     options = {}
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         data = datas[s] = Points(s, seed=args.seed)
         budget = args.budget
         for m in models:
-            model, info = train_model(m, data, args.seed, budget, args.iters, options)
+            model, info = train_model(m, data, args.seed, budget, args.iters, options, args.fixed_time_exponent)
             if m == "diffflow" and args.budget is None:
                 budget = info["cpu_seconds"]
             if args.save_models:

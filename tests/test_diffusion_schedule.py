@@ -88,7 +88,7 @@ def test_flag_parses_and_a_run_round_trips_through_its_checkpoint(tmp_path, caps
 
 def test_point_preset_and_its_schedule_conflicts():
     cfg = resolve_config("points", {})
-    assert cfg.diffusion == SPEC and cfg.lr_schedule == "cosine" and cfg.eval_lam == 0.0
+    assert cfg.diffusion == SPEC and cfg.lr_schedule == "cosine" and cfg.eval_lam == 1.0
     with pytest.raises(ConfigError, match="lr_decay applies to lr_schedule step, not cosine"):
         resolve_config("points", {"lr_decay": 0.9})
     assert resolve_config("points", {"lr_decay": 0.9, "lr_schedule": "step"}).lr_decay == 0.9

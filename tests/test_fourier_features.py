@@ -60,23 +60,54 @@ def test_shared_time_path_equals_the_concatenated_input_and_round_trips():
     assert net.body[0].in_features == 2 + 48 + 16
 
 
+@pytest.mark.parametrize("x_learn", [False, True])
 @pytest.mark.parametrize("gradient", ["adjoint", "auto"])
-def test_gradients_equal_autograd(gradient):
+def test_gradients_equal_autograd(gradient, x_learn):
     grads = {}
     for mode in ("autograd", gradient):
         torch.manual_seed(2)
-        nets = [TimeMLP(2, 16, 2, 8, zero_init=False, x_freqs=3).double() for _ in range(2)]
+        nets = [TimeMLP(2, 16, 2, 8, zero_init=False, x_freqs=3, x_learn=x_learn).double() for _ in range(2)]
         model = DiffFlow(*nets, (2,), num_steps=6, diffusion={"start": 0.2, "end": 1.0}, gradient=mode).double()
         x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         model.loss(x, torch.Generator().manual_seed(4)).backward()
         grads[mode] = [p.grad.clone() for p in model.parameters()]
+    assert len(grads["autograd"]) == len(grads[gradient]) == 2 * (6 + x_learn)  # 2 nets x (2 hidden + out) x (w, b)
     for a, b in zip(grads["autograd"], grads[gradient]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def test_learnable_projection_starts_fixed_trains_and_round_trips():
+    fixed = FourierFeatures(2, n_freq=6, max_freq=32.0, n_dir=4)
+    learned = FourierFeatures(2, n_freq=6, max_freq=32.0, n_dir=4, learnable=True)
+    x = torch.randn(20, 2)
+    torch.testing.assert_close(learned(x), fixed(x), rtol=0, atol=0)  # same initialisation
+    assert [n for n, _ in learned.named_parameters()] == ["proj"] and list(learned.state_dict()) == ["proj"]
+    learned(x).square().sum().backward()
+    assert learned.proj.grad is not None and learned.proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learnable"):
+        FourierFeatures(2, learnable=1)
+
+    torch.manual_seed(5)
+    net = build_network("mlp", data_shape=(2,), hidden=16, depth=2, time_dim=8, x_freqs=6, x_learn=True)
+    assert net.config()["x_learn"] is True and "x_features.proj" in net.state_dict()
+    with torch.no_grad():
+        net.x_features.proj.mul_(1.5)  # a trained projection differs from the initial one
+    again = build_network_from_config(net.network_config)
+    assert not torch.equal(again.x_features.proj, net.x_features.proj)
+    again.load_state_dict(net.state_dict())
+    t = torch.full((20,), 0.01)
+    torch.testing.assert_close(again(x, t), net(x, t), rtol=0, atol=0)
+    # with the features off there is nothing to train: the plain MLP (a preset's x_learn under x_freqs=0)
+    assert TimeMLP(2, 16, 2, 8, x_freqs=0, x_learn=True).config() == TimeMLP(2, 16, 2, 8).config()
+    with pytest.raises(ValueError, match="x_learn"):
+        TimeMLP(2, x_freqs=6, x_learn="yes")
+
+
 def test_points_preset_uses_features_and_an_option_merges_over_them():
-    assert PRESETS["points"]["network_options"] == {"x_freqs": 6}
-    assert resolve_config("points", {}).network_options == {"x_freqs": 6}
+    assert PRESETS["points"]["network_options"] == {"x_freqs": 6, "x_learn": True}
+    assert resolve_config("points", {}).network_options == {"x_freqs": 6, "x_learn": True}
     merged = resolve_config("points", {"network_options": {"x_max_freq": 16.0}}).network_options
-    assert merged == {"x_freqs": 6, "x_max_freq": 16.0}
-    assert resolve_config("points", {"network_options": {"x_freqs": 0}}).network_options == {"x_freqs": 0}
+    assert merged == {"x_freqs": 6, "x_learn": True, "x_max_freq": 16.0}
+    off = resolve_config("points", {"network_options": {"x_freqs": 0}}).network_options
+    assert off == {"x_freqs": 0, "x_learn": True}
+    assert build_network("mlp", data_shape=(2,), **off).config() == build_network("mlp", data_shape=(2,)).config()

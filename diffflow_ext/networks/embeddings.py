@@ -40,13 +40,20 @@ class FourierFeatures(nn.Module):
     equally spaced in angle over ``[0, pi)``, otherwise the ``dim`` coordinate axes. Output width
     ``2 * n_dir * n_freq`` (2-D) or ``2 * dim * n_freq``. Deterministic from its arguments (no state).
 
+    ``learnable=True`` makes the projection a trained parameter ``proj`` of shape ``(dim, out_dim)``, initialised
+    to the fixed one (its sin and cos columns then move independently: ``out_dim`` learned sinusoids of fixed
+    phase 0 or pi/2); it is stored in checkpoints. Training moves the frequencies and directions to the data's own
+    scales: on the 2-D defaults this resolves holes that the fixed band leaves filled (docs/quality_2d.md).
+
     An MLP on raw coordinates is biased toward smooth functions; these features let it resolve structure at the
     scale ``~1/max_freq`` (thin strokes, small holes) in a few thousand iterations (Tancik et al., NeurIPS 2020;
     docs/quality_2d.md).
     """
 
-    def __init__(self, dim: int, n_freq: int = 6, max_freq: float = 32.0, n_dir: int = 4):
+    def __init__(self, dim: int, n_freq: int = 6, max_freq: float = 32.0, n_dir: int = 4, learnable: bool = False):
         super().__init__()
+        if not isinstance(learnable, bool):
+            raise ValueError(f"learnable: expected true or false, got {learnable!r}")
         for name, v in (("dim", dim), ("n_freq", n_freq), ("n_dir", n_dir)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -60,10 +67,14 @@ class FourierFeatures(nn.Module):
         proj = [[u[i] * w for u in dirs for w in freqs] for i in range(dim)]  # (dim, n_dirs * n_freq)
         k = len(dirs) * len(freqs)
         # one affine map and one sin: [sin(a), cos(a)] = sin([a, a + pi/2]) (fewer ops per call than sin, cos, cat)
-        self.register_buffer("proj", torch.tensor([row * 2 for row in proj], dtype=torch.float32), persistent=False)
+        proj = torch.tensor([row * 2 for row in proj], dtype=torch.float32)
+        if learnable:
+            self.proj = nn.Parameter(proj)
+        else:
+            self.register_buffer("proj", proj, persistent=False)
         self.register_buffer("phase", torch.tensor([0.0] * k + [math.pi / 2] * k, dtype=torch.float32),
                              persistent=False)
-        self.dim, self.out_dim = dim, 2 * k
+        self.dim, self.out_dim, self.learnable = dim, 2 * k, learnable
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(torch.addmm(self.phase.to(x.dtype), x, self.proj.to(x.dtype)))

@@ -30,11 +30,14 @@ class TimeMLP(nn.Module):
     from the global RNG, which the recomputing gradient modes replay). ``x_freqs > 0`` appends Fourier features
     of ``x`` (:class:`FourierFeatures`: ``x_freqs`` frequencies in ``[1, x_max_freq]`` along ``x_dirs`` directions
     for 2-D data) to the input, ``[x, features, time features]``: what lets the 2-D defaults resolve thin strokes and
-    small holes (docs/quality_2d.md); ``x_freqs = 0`` (default) is the plain MLP.
+    small holes (docs/quality_2d.md); ``x_freqs = 0`` (default) is the plain MLP. ``x_learn=True`` trains the
+    features' projection (frequencies and directions) with the network, from that initialisation (no effect
+    with ``x_freqs = 0``).
     """
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, zero_init: bool = True,
-                 dropout: float = 0.0, x_freqs: int = 0, x_max_freq: float = 32.0, x_dirs: int = 4):
+                 dropout: float = 0.0, x_freqs: int = 0, x_max_freq: float = 32.0, x_dirs: int = 4,
+                 x_learn: bool = False):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             _positive_int(name, v)
@@ -47,8 +50,12 @@ class TimeMLP(nn.Module):
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         if isinstance(x_freqs, bool) or not isinstance(x_freqs, int) or x_freqs < 0:
             raise ValueError(f"x_freqs: expected an integer >= 0 (0: no Fourier features of x), got {x_freqs!r}")
-        self.x_features = FourierFeatures(dim, x_freqs, x_max_freq, x_dirs) if x_freqs else None
+        if not isinstance(x_learn, bool):
+            raise ValueError(f"x_learn: expected true or false, got {x_learn!r}")
+        self.x_features = FourierFeatures(dim, x_freqs, x_max_freq, x_dirs, learnable=x_learn) if x_freqs else None
         self.x_options = {"x_freqs": x_freqs, "x_max_freq": float(x_max_freq), "x_dirs": x_dirs} if x_freqs else {}
+        if x_learn and x_freqs:  # (with x_freqs = 0 there is nothing to train: the plain MLP, as when a run turns
+            self.x_options["x_learn"] = True  # off a preset's features with --network-option x_freqs=0)
         self.in_x = dim + (self.x_features.out_dim if x_freqs else 0)  # the x part of the first layer's input
         layers: list[nn.Module] = []
         width = self.in_x + time_dim
