@@ -118,8 +118,9 @@ def test_short_default_training_on_a_generated_set_lands_most_samples_inside(tmp
     """The issue-8 scenario in small: a .npy file of a generated (tuning) set, the 'points' defaults, fewer
     iterations (600 instead of the default count; ~1 CPU-minute). Untrained, about 20% of samples land inside
     this set of rotated boxes (sharp_0); the old defaults (g 0.2, lr 5e-3) measured 82% at 500 iterations
-    (docs/quality_2d.md), the session-13 ones 85-91% on other tuning sets at 800, the current ones (Fourier features
-    of x) 86-95% on tuning sets at 1000."""
+    (docs/quality_2d.md), the session-13 ones 85-91% on other tuning sets at 800; the current ones (trained Fourier
+    features of x, backward-SDE samples) measured 91.4% here (session 15), so > 85% leaves room for platform
+    round-off while the stripe solution (~50%) or an untrained model (~20%) fail."""
     from diffflow_ext.training import train
     from diffflow_ext.training.config import resolve_config
 
@@ -136,7 +137,7 @@ def test_short_default_training_on_a_generated_set_lands_most_samples_inside(tmp
         __import__("torch").set_num_threads(torch_threads)
     samples = np.load(tmp_path / "run" / "samples.npy")
     inside = ds.contains(samples).mean()
-    assert inside > 0.5, inside
+    assert inside > 0.85, inside
 
 
 def test_generated_sets_are_data_sources_for_train_sample_and_eval(tmp_path, capsys):
