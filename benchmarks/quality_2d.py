@@ -11,7 +11,8 @@ Models:
   optimiser, LR schedule, EMA, progressive N and iterations as ``diffflow train FILE``), trained with the
   library's own ``train_step``; its CPU time sets the budget of the others unless ``--budget`` is given;
 * ``fixed-dsm`` -- fixed linear drift (VP, ``beta = g^2``), only the score learned, denoising score matching
-  (Adam 5e-3 annealed to 0 by a cosine over the CPU budget, batch 1024);
+  (Adam 5e-3 annealed to 0 by a cosine over the CPU budget, batch 1024; time grid uniform in ``t^0.1``, which puts
+  few-step samplers' steps near the data, ``--fixed-time-exponent``);
 * ``fixed-diffflow`` -- the same model trained by the DiffFlow objective (same optimiser);
 * ``nsf`` -- zuko's neural spline flow (5 transforms, 2 x 128, Adam 1e-3, batch 1024; optional: needs zuko).
 
@@ -160,13 +161,19 @@ def train_for(loss_fn, params, data: Points, budget: float, *, batch: int, lr: f
     return it
 
 
-def fixed_drift_model(gradient: str = "autograd", time_exponent: float = 1.0):
+#: the fixed-drift baselines' grid exponent: t^E uniform on [1e-3, 1]. Chosen on the tuning set sharp_8 (DSM, 200 CPU-s;
+#: mean in-support over N = 5, 10 at the better lam: E = 1 11.7%, 0.5 42.3%, 0.25 72.2%, 0.1 81.1%, 0.05 79.4%); the
+#: uniform grid (E = 1) left its last step at noise std 0.74-0.89 for N = 10-5, so no few-step sample could be sharp
+FIXED_TIME_EXPONENT = 0.1
+
+
+def fixed_drift_model(gradient: str = "autograd", time_exponent: float = FIXED_TIME_EXPONENT):
     return fixed_drift_diffusion(2, beta=8.0, t_end=1.0, num_steps=30, hidden=64, depth=3, gradient=gradient,
                                  time_exponent=time_exponent)
 
 
 def train_model(name: str, data: Points, seed: int, budget: float | None, iters: int | None,
-                options: dict | None = None, fixed_time_exponent: float = 1.0):
+                options: dict | None = None, fixed_time_exponent: float = FIXED_TIME_EXPONENT):
     """Train model ``name``; returns (model, info dict with cpu seconds and iterations)."""
     torch.manual_seed(seed)
     t0 = _cpu()
@@ -375,9 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="CPU seconds per baseline (default: the CPU time the DiffFlow defaults took on that set)")
     ap.add_argument("--iters", type=int, default=None, help="override the DiffFlow default iterations (diagnosis)")
-    ap.add_argument("--fixed-time-exponent", type=float, default=1.0, metavar="E",
-                    help="the fixed-drift baselines' time grid: t^E uniform (1: uniform in t; < 1 puts more of the N "
-                         "steps near the data)")
+    ap.add_argument("--fixed-time-exponent", type=float, default=FIXED_TIME_EXPONENT, metavar="E",
+                    help="the fixed-drift baselines' time grid (and DSM's training times): t^E uniform; 1 is uniform "
+                         "in t, smaller puts more of the N steps near the data (default %(default)s, chosen on the "
+                         "tuning set sharp_8: docs/quality_2d.md)")
     ap.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a DiffFlow training default (ablation), e.g. --option diffusion=0.2")
     ap.add_argument("--samples", type=int, default=5000)
