@@ -38,7 +38,7 @@ class FourierFeatures(nn.Module):
     """``[sin(w_k u_j . x), cos(w_k u_j . x)]``: ``n_freq`` frequencies ``w_k`` log-spaced in ``[1, max_freq]``
     (model units: standardised data) along fixed unit directions ``u_j`` -- for 2-D data ``n_dir`` directions
     equally spaced in angle over ``[0, pi)``, otherwise the ``dim`` coordinate axes. Output width
-    ``2 * n_dir * n_freq`` (2-D) or ``2 * dim * n_freq``. Deterministic from its arguments (no state).
+    ``2 * n_dir * n_freq`` (2-D) or ``2 * dim * n_freq``. By default deterministic from its arguments (no state).
 
     ``learnable=True`` makes the projection a trained parameter ``proj`` of shape ``(dim, out_dim)``, initialised
     to the fixed one (its sin and cos columns then move independently: ``out_dim`` learned sinusoids of fixed

@@ -470,11 +470,11 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.def
 PRESETS: dict[str, dict[str, Any]] = {
     # chosen on tuning sets of the generated sharp family (docs/quality_2d.md, "Tuning"): g rising from 0.2 at the
     # data to 1 at T (sharp edges near the data, a mixing forward process that leaves the zero-drift saddle),
-    # lr 2e-2 with a cosine schedule, samples by the probability-flow ODE (lam 0); Fourier features of x in the MLPs
-    # (6 frequencies 1..32 along 4 directions: thin strokes and small holes, session 14), 2400 iterations (the CPU
-    # time of the former 3000 without them, ~210 CPU-s). Session 15: the features' projection is trained
-    # (x_learn: +6 points in support on the fine_grid analogue, +0.5..+2.8 on four other tuning sets) and samples
-    # come from the backward SDE (lam 1), which beat the ODE on all five tuning sets with the features
+    # lr 2e-2 with a cosine schedule; Fourier features of x in the MLPs (6 frequencies 1..32 along 4 directions: thin
+    # strokes and small holes, session 14), 2400 iterations (the CPU time of the former 3000 without them, ~210 CPU-s).
+    # Session 15: the features' projection is trained (x_learn) and samples come from the backward SDE (lam 1, which
+    # beat the probability-flow ODE on all five tuning sets with the features): +6.0 points in support on the
+    # fine_grid analogue, +0.6..+2.8 on four other tuning sets
     "points": {"diffusion": {"start": 0.2, "end": 1.0}, "lr": 2e-2, "lr_schedule": "cosine", "iters": 2400,
                "eval_lam": 1.0, "network_options": {"x_freqs": 6, "x_learn": True}},
     "tabular": {"progressive": None, "num_steps": 30, "hidden": 256, "depth": 3, "batch_size": 512,
