@@ -53,3 +53,21 @@ def test_constant_schedule_keeps_the_rate(monkeypatch):
 def test_unknown_schedule_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="'cosine' or 'constant'"):
         _steps(monkeypatch, "step")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_bad_fixed_time_exponent_is_a_one_line_error(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        q.main(["--fixed-time-exponent", value, "--sets", "sharp_8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--fixed-time-exponent: expected a number in (0, 1]" in err[-1], err
+
+
+def test_fixed_drift_model_takes_the_grid_exponent():
+    model = q.fixed_drift_model(time_exponent=0.1)
+    assert model.time_exponent == pytest.approx(0.1) and q.FIXED_TIME_EXPONENT == 0.1
+    t = model.timestamps.to(torch.float64)  # uniform in t^0.1: the steps shrink toward the data
+    torch.testing.assert_close(t**0.1, torch.linspace(1e-3**0.1, 1.0, 31, dtype=torch.float64), rtol=0, atol=1e-6)
+    dt = torch.diff(t)
+    assert dt[0] < 1e-3 < 0.1 < dt[-1]  # N = 30: 4e-4 next to the data, 0.15 at t = 1
