@@ -9,6 +9,7 @@ by default or on the process CPU clock (``--clock cpu``, for shared machines; se
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # an installed diffflow_ext / PYTHONPATH wins; else this checkout
     sys.path.append(str(ROOT))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line naming the argument (no usage block), like the ``diffflow`` command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ----------------------------------------------------------------------------- devices

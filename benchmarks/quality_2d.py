@@ -27,7 +27,6 @@ or names (``checkerboard``, ``sharp_1003``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import OneLineParser
 
 from diffflow_ext.baselines import NSF, dsm_loss, fixed_drift_diffusion, zuko_available
 from diffflow_ext.data import sharp2d, toy2d
@@ -370,7 +370,7 @@ def steps_plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("quality", "steps", "samplers"), default="quality",
                     help="samplers: one DiffFlow per set (trained, or --load-models), sampled by every sampler of "
                          "SAMPLERS, with where the outside samples land (diagnosis)")

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_2d as q  # noqa: E402
+from _common import OneLineParser  # noqa: E402
 
 import diffflow_ext.training.loop as loop  # noqa: E402
 from diffflow_ext.data import sharp2d, toy2d  # noqa: E402
@@ -127,14 +128,9 @@ def _register_candidates() -> None:
                      replace=True)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     _register_candidates()
-    ap = _Parser(prog="tune_2d.py", description=__doc__.split("\n\n")[0],
+    ap = OneLineParser(prog="tune_2d.py", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a label for the candidate (printed on every row)")
     ap.add_argument("sets", help="comma-separated tuning sets: built-ins, sharp_0..sharp_999, fine_grid, thin_tree")

@@ -74,7 +74,7 @@ class FourierFeatures(nn.Module):
             self.register_buffer("proj", proj, persistent=False)
         self.register_buffer("phase", torch.tensor([0.0] * k + [math.pi / 2] * k, dtype=torch.float32),
                              persistent=False)
-        self.dim, self.out_dim, self.learnable = dim, 2 * k, learnable
+        self.dim, self.out_dim = dim, 2 * k
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(torch.addmm(self.phase.to(x.dtype), x, self.proj.to(x.dtype)))
