@@ -83,8 +83,14 @@ class Points:
     def x(self, z: torch.Tensor) -> np.ndarray:
         return z.detach().double().numpy() * self.std + self.mean
 
+    shape = (2,)
+
     def batch(self, n: int, rng: np.random.Generator) -> torch.Tensor:
         return self.z(self.train[rng.integers(0, len(self.train), size=n)])
+
+    def train_batch(self, n: int, rng: np.random.Generator, *, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The trainer's data-source interface (build_state draws the data-dependent initialisation from it)."""
+        return self.batch(n, rng).to(device=device, dtype=dtype)
 
 
 def parse_sets(spec: str) -> list[str]:
@@ -123,7 +129,7 @@ def train_diffflow_defaults(data: Points, seed: int, iters: int | None = None, o
     if iters is not None:
         explicit["iters"] = iters
     cfg = resolve_config("points", explicit)
-    state = build_state(cfg, SimpleNamespace(shape=(2,)), SimpleNamespace(device=torch.device("cpu")), [0])
+    state = build_state(cfg, data, SimpleNamespace(device=torch.device("cpu")), [0])
     schedule = cfg.steps_schedule()
     rng = np.random.default_rng([seed, 0])
     while state.step < cfg.iters:

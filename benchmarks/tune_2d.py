@@ -8,10 +8,12 @@ samples each), and the training CPU seconds (one thread).
         '{"diffusion": {"start": 0.2, "end": 1.0}, "lr": 0.02, "lr_schedule": "cosine"}'
     python benchmarks/tune_2d.py b512 fine_grid,thin_tree 6000 '{"batch_size": 512}'
 
-SETS: built-in names, tuning seeds of the generated family (``sharp_0`` ... ``sharp_999``) and two tuning-only
+SETS: built-in names, tuning seeds of the generated family (``sharp_0`` ... ``sharp_999``) and three tuning-only
 ANALOGUES of the built-ins sierpinski_carpet and fractal_tree (which are reported sets, never tuned on):
 ``fine_grid`` (a base-4 grid fractal, level 3: the two diagonal cells (1,1), (2,2) removed at every level, smallest
-hole 2/64 of the side; holes are 33% of the square) and ``thin_tree`` (a binary tree of depth 8, branch angle
+hole 2/64 of the side; holes are 33% of the square), ``notch_carpet`` (the carpet's scale with another pattern: a
+base-3 level-4 grid fractal with the edge cell (0, 1) removed at every level; smallest hole 2/81, holes 38% of the
+square, as in the carpet) and ``thin_tree`` (a binary tree of depth 8, branch angle
 +-35 deg, length ratio 0.7, half-width 0.025 shrinking by 0.8 per level, tolerance 0.01).
 
 Override keys are TrainConfig fields, plus ``_fs`` / ``_ss``: a constant factor on the drift's / score's output
@@ -85,6 +87,17 @@ class FineGrid(toy2d.Toy2D):
         return d
 
 
+class NotchCarpet(FineGrid):
+    """The carpet's scale without the carpet: a base-3 level-4 grid fractal with the edge cell (0, 1) removed at
+    every level (smallest hole 2/81 of the side and holes 1 - (8/9)^4 = 38% of the square, as in the carpet)."""
+
+    name = "notch_carpet"
+    description = "base-3 grid fractal, level 4, edge cell (0,1) removed"
+
+    def __init__(self):
+        super().__init__(base=3, removed=((0, 1),), level=4)
+
+
 class ThinTree(toy2d.FractalTree):
     name = "thin_tree"
     description = "binary tree, depth 8, angle 35 deg, ratio 0.7, half-width 0.025"
@@ -93,7 +106,7 @@ class ThinTree(toy2d.FractalTree):
         super().__init__(depth=8, angle_deg=35.0, ratio=0.7, width=0.025)
 
 
-ANALOGUES = {"fine_grid": FineGrid, "thin_tree": ThinTree}
+ANALOGUES = {"fine_grid": FineGrid, "notch_carpet": NotchCarpet, "thin_tree": ThinTree}
 
 
 class FourierMLP(torch.nn.Module):
@@ -133,7 +146,8 @@ def parse_args(argv=None):
     ap = OneLineParser(prog="tune_2d.py", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a label for the candidate (printed on every row)")
-    ap.add_argument("sets", help="comma-separated tuning sets: built-ins, sharp_0..sharp_999, fine_grid, thin_tree")
+    ap.add_argument("sets", help="comma-separated tuning sets: built-ins, sharp_0..sharp_999, "
+                                 "fine_grid, notch_carpet, thin_tree")
     ap.add_argument("iters", help="training iterations (a positive integer)")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON object of TrainConfig fields (plus _fs, _ss)")
     ap.add_argument("--samples", type=int, default=3000, help="samples per lam for the in-support fraction")
@@ -173,7 +187,7 @@ def parse_args(argv=None):
         try:
             ds = toy2d.get(s)
         except toy2d.UnknownDatasetError as e:
-            ap.error(f"SETS: {e}, fine_grid, thin_tree")
+            ap.error(f"SETS: {e}, {', '.join(ANALOGUES)}")
         if not getattr(ds, "sharp", False):
             ap.error(f"SETS: {s!r} has no sharp support (no in-support fraction)")
         if ds.name.startswith("sharp_") and int(ds.name[6:]) in sharp2d.HELDOUT_SEEDS:

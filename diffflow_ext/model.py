@@ -342,6 +342,21 @@ class DiffFlow(nn.Module):
         return self.prior.nll(x)
 
     # ------------------------------------------------------------------ training
+    @property
+    def wants_data_init(self) -> bool:
+        """Whether a network asks for a data-dependent initialisation (:meth:`init_from_data`) before training."""
+        return any(getattr(net, "wants_data_init", False) for net in (self.drift, self.score))
+
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation of the networks that ask for one (the points preset's Fourier features,
+        ``TimeMLP(x_init="data")``) from training examples ``x`` in model space, shape ``(B, *data_shape)``
+        (the training loop passes 20000); call it once, before the first step and before an optimizer or an EMA copies
+        the weights. Networks without one are left as they are."""
+        x = self._check_data("x", x, check_dtype=False)
+        for net in (self.drift, self.score):
+            if getattr(net, "wants_data_init", False):
+                net.init_from_data(x)
+
     def loss_per_sample(
         self, x0: Tensor, generator: torch.Generator | None = None, *, num_steps: int | None = None,
         grid: str | None = None,

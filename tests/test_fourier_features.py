@@ -104,10 +104,97 @@ def test_learnable_projection_starts_fixed_trains_and_round_trips():
 
 
 def test_points_preset_uses_features_and_an_option_merges_over_them():
-    assert PRESETS["points"]["network_options"] == {"x_freqs": 6, "x_learn": True}
-    assert resolve_config("points", {}).network_options == {"x_freqs": 6, "x_learn": True}
+    preset = {"x_freqs": 8, "x_max_freq": 128.0, "x_learn": True, "x_init": "data"}
+    assert PRESETS["points"]["network_options"] == preset
+    assert resolve_config("points", {}).network_options == preset
     merged = resolve_config("points", {"network_options": {"x_max_freq": 16.0}}).network_options
-    assert merged == {"x_freqs": 6, "x_learn": True, "x_max_freq": 16.0}
+    assert merged == {**preset, "x_max_freq": 16.0}
     off = resolve_config("points", {"network_options": {"x_freqs": 0}}).network_options
-    assert off == {"x_freqs": 0, "x_learn": True}
+    assert off == {**preset, "x_freqs": 0}
     assert build_network("mlp", data_shape=(2,), **off).config() == build_network("mlp", data_shape=(2,)).config()
+    fixed = resolve_config("points", {"network_options": {"x_learn": False}}).network_options
+    with pytest.raises(ValueError, match="x_init=band"):  # the error says how to fix the projection
+        build_network("mlp", data_shape=(2,), **fixed)
+    assert build_network("mlp", data_shape=(2,), **{**fixed, "x_init": "band"}).config()["x_freqs"] == 8
+
+
+def _lattice(period: float, n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """Points on vertical lines x0 = k * period (+ tiny jitter), x1 uniform: one period along the first axis."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-8, 9, (n,), generator=g).double()
+    x0 = k * period + 0.01 * period * torch.randn(n, generator=g, dtype=torch.float64)
+    return torch.stack([x0, 4 * torch.rand(n, generator=g, dtype=torch.float64) - 2], 1).float()
+
+
+def test_init_from_data_moves_each_frequency_to_the_datas_period_within_its_band():
+    f = FourierFeatures(2, n_freq=6, max_freq=32.0, n_dir=4, learnable=True)
+    start = f.proj.detach().clone()
+    omega = 2 * math.pi / 0.22  # 28.6: in the top band [32 / sqrt(2), 32 * sqrt(2)], away from 32
+    f.init_from_data(_lattice(0.22))
+    k = f.out_dim // 2
+    new, old = f.proj.detach()[:, :k], start[:, :k]
+    torch.testing.assert_close(f.proj.detach()[:, k:], new, rtol=0, atol=0)  # sin and cos columns stay paired
+    ratio = new.norm(dim=0) / old.norm(dim=0)
+    assert bool((ratio >= 2 ** -0.5 - 1e-6).all() and (ratio <= 2 ** 0.5 + 1e-6).all())  # within its band
+    cos = (new * old).sum(0) / (new.norm(dim=0) * old.norm(dim=0))
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # directions unchanged
+    top_axis = new[:, 5]  # direction 0 (the first axis), top frequency
+    assert top_axis.norm().item() == pytest.approx(omega, rel=0.012)  # the candidate grid's step is 1.1%
+    # along the second axis the lines carry no period: no frequency there is pulled to omega
+    assert abs(new[:, 2 * 6 + 5].norm().item() - omega) > 0.02 * omega
+
+
+def test_init_from_data_is_checked_and_needs_a_trained_projection():
+    with pytest.raises(ValueError, match="learnable=False"):
+        FourierFeatures(2).init_from_data(torch.randn(10, 2))
+    f = FourierFeatures(2, learnable=True)
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        f.init_from_data(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="finite"):
+        f.init_from_data(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="x_init: expected one of band, data"):
+        TimeMLP(2, x_freqs=6, x_learn=True, x_init="spectral")
+    with pytest.raises(ValueError, match="needs x_learn"):
+        TimeMLP(2, x_freqs=6, x_init="data")
+    with pytest.raises(ValueError, match="not built with"):
+        TimeMLP(2, x_freqs=6, x_learn=True).init_from_data(torch.randn(10, 2))
+
+
+def test_data_init_through_the_model_round_trips_and_the_trainer_runs_it_before_the_ema():
+    from types import SimpleNamespace
+
+    from diffflow_ext.training.loop import build_state
+
+    opts = {"x_freqs": 6, "x_learn": True, "x_init": "data"}
+    model = DiffFlow.from_networks("mlp", (2,), {"hidden": 16, "depth": 2, "time_dim": 8, **opts})
+    plain = DiffFlow.from_networks("mlp", (2,), {"hidden": 16, "depth": 2, "time_dim": 8, "x_freqs": 6,
+                                                 "x_learn": True})
+    assert model.wants_data_init and not plain.wants_data_init
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.init_from_data(_lattice(0.22))  # nothing asks: unchanged
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+    band = model.drift.x_features.proj.detach().clone()
+    model.init_from_data(_lattice(0.22))
+    assert not torch.equal(model.drift.x_features.proj, band)
+    torch.testing.assert_close(model.score.x_features.proj, model.drift.x_features.proj)
+    again = DiffFlow.from_config(model.config())  # the architecture round-trips; the chosen projection is a weight
+    assert again.drift.config()["x_init"] == "data"
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.drift.x_features.proj, model.drift.x_features.proj, rtol=0, atol=0)
+
+    class Lines:
+        shape = (2,)
+
+        def train_batch(self, n, rng, *, device=None, dtype=torch.float32):
+            return _lattice(0.22, n, int(rng.integers(1000))).to(device=device, dtype=dtype)
+
+    cfg = resolve_config("points", {"network_options": {"x_init": "data"}, "hidden": 16, "depth": 2, "seed": 4})
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    st, st2 = build_state(cfg, Lines(), ctx, [0]), build_state(cfg, Lines(), ctx, [0])
+    proj = st.model.drift.x_features.proj
+    top = proj.detach()[:, 5].norm().item()  # first axis, top frequency: at the data's period, not the band's
+    assert top == pytest.approx(2 * math.pi / 0.22, rel=0.012)
+    torch.testing.assert_close(st2.model.drift.x_features.proj, proj, rtol=0, atol=0)  # the seed fixes it
+    ema_copy = DiffFlow.from_config(st.model.config())
+    st.ema.copy_to(ema_copy)
+    torch.testing.assert_close(ema_copy.drift.x_features.proj, proj, rtol=0, atol=0)  # the EMA starts from it

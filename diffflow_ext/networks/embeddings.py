@@ -75,6 +75,37 @@ class FourierFeatures(nn.Module):
         self.register_buffer("phase", torch.tensor([0.0] * k + [math.pi / 2] * k, dtype=torch.float32),
                              persistent=False)
         self.dim, self.out_dim = dim, 2 * k
+        self.band_ratio = max_freq ** (1 / (n_freq - 1)) if n_freq > 1 else 2.0  # between neighbouring frequencies
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, candidates: int = 64) -> None:
+        """Data-dependent initialisation (``learnable=True`` only): each feature keeps its direction ``u`` and moves
+        its frequency ``w`` within its band ``[w / sqrt(r), w * sqrt(r)]`` (``r``: the ratio between neighbouring
+        frequencies; ``candidates`` log-spaced values) to where the empirical characteristic function of ``x``,
+        ``|mean exp(i w u . x)|``, is largest: the strongest period of the data along ``u`` in that band (a grid's
+        cell size, a lattice's spacing), which training alone re-tunes by a few percent only (docs/quality_2d.md).
+        ``x``: examples in model units, shape ``(n, dim)``."""
+        if not isinstance(self.proj, nn.Parameter):
+            raise ValueError("init_from_data: the projection is fixed (learnable=False); a data-chosen one must be a "
+                             "trained parameter to be stored in checkpoints")
+        x = x.detach().reshape(x.shape[0], -1).to(device=self.proj.device, dtype=torch.float64)
+        if x.shape[1] != self.dim or x.shape[0] < 1 or not torch.isfinite(x).all():
+            raise ValueError(f"init_from_data: expected finite examples of shape (n, {self.dim}), got {tuple(x.shape)}")
+        k = self.out_dim // 2
+        w = self.proj[:, :k].to(torch.float64)  # (dim, k): the sin columns (the cos columns are equal at init)
+        freq = w.norm(dim=0)
+        u = w / freq
+        half = 0.5 * math.log(self.band_ratio)
+        steps = torch.linspace(-half, half, candidates, dtype=torch.float64, device=x.device)
+        cand = freq[:, None] * torch.exp(steps)[None, :]  # (k, candidates)
+        proj_x = x @ u  # (n, k)
+        best = torch.empty_like(freq)
+        for j in range(k):  # one feature at a time: (n, candidates) values in memory
+            a = proj_x[:, j, None] * cand[j]
+            ecf = torch.cos(a).mean(0) ** 2 + torch.sin(a).mean(0) ** 2
+            best[j] = cand[j, ecf.argmax()]
+        new = (u * best).to(self.proj.dtype)
+        self.proj.copy_(torch.cat([new, new], dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(torch.addmm(self.phase.to(x.dtype), x, self.proj.to(x.dtype)))

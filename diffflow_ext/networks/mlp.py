@@ -32,12 +32,19 @@ class TimeMLP(nn.Module):
     for 2-D data) to the input, ``[x, features, time features]``: what lets the 2-D defaults resolve thin strokes and
     small holes (docs/quality_2d.md); ``x_freqs = 0`` (default) is the plain MLP. ``x_learn=True`` trains the
     features' projection (frequencies and directions) with the network, from that initialisation (no effect
-    with ``x_freqs = 0``).
+    with ``x_freqs = 0``). ``x_init="data"`` (needs ``x_learn``) asks for a data-dependent start of the projection:
+    the training loop (or the user, through :meth:`diffflow_ext.DiffFlow.init_from_data`) calls
+    :meth:`init_from_data` with training examples before the first step, which moves each frequency within its band
+    to the data's strongest period there (:meth:`FourierFeatures.init_from_data`); ``"band"`` (default) keeps the
+    log-spaced band.
     """
+
+    #: the values of ``x_init``
+    X_INITS = ("band", "data")
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32, zero_init: bool = True,
                  dropout: float = 0.0, x_freqs: int = 0, x_max_freq: float = 32.0, x_dirs: int = 4,
-                 x_learn: bool = False):
+                 x_learn: bool = False, x_init: str = "band"):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth)):
             _positive_int(name, v)
@@ -52,10 +59,19 @@ class TimeMLP(nn.Module):
             raise ValueError(f"x_freqs: expected an integer >= 0 (0: no Fourier features of x), got {x_freqs!r}")
         if not isinstance(x_learn, bool):
             raise ValueError(f"x_learn: expected true or false, got {x_learn!r}")
+        if x_init not in self.X_INITS:
+            raise ValueError(f"x_init: expected one of {', '.join(self.X_INITS)}, got {x_init!r}")
+        if x_init == "data" and x_freqs and not x_learn:
+            raise ValueError("x_init: 'data' needs x_learn=true (the data-chosen projection is a trained parameter, "
+                             "stored in checkpoints); a fixed projection takes x_init=band")
         self.x_features = FourierFeatures(dim, x_freqs, x_max_freq, x_dirs, learnable=x_learn) if x_freqs else None
         self.x_options = {"x_freqs": x_freqs, "x_max_freq": float(x_max_freq), "x_dirs": x_dirs} if x_freqs else {}
         if x_learn and x_freqs:  # (with x_freqs = 0 there is nothing to train: the plain MLP, as when a run turns
             self.x_options["x_learn"] = True  # off a preset's features with --network-option x_freqs=0)
+            if x_init == "data":
+                self.x_options["x_init"] = "data"
+        #: whether :meth:`init_from_data` should run before training (read by DiffFlow.init_from_data)
+        self.wants_data_init = bool(x_freqs) and x_init == "data"
         self.in_x = dim + (self.x_features.out_dim if x_freqs else 0)  # the x part of the first layer's input
         layers: list[nn.Module] = []
         width = self.in_x + time_dim
@@ -92,6 +108,13 @@ class TimeMLP(nn.Module):
         for layer in itertools.islice(self.body, 1, None):
             h = layer(h)
         return self.out(h).reshape(shape)
+
+    def init_from_data(self, x: Tensor) -> None:
+        """The data-dependent start of the Fourier projection (``x_init="data"``): ``x`` are training examples in
+        model units, shape ``(n, dim)`` or ``(n, *shape)``."""
+        if not self.wants_data_init:
+            raise ValueError("init_from_data: this network was not built with x_freqs > 0 and x_init='data'")
+        self.x_features.init_from_data(x.reshape(x.shape[0], -1))
 
     def config(self) -> dict:
         cfg = {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}

@@ -43,6 +43,8 @@ __all__ = ["train", "train_step", "TrainState", "StepStats", "NonFiniteError", "
 
 #: sampling batch of the evaluations (also the unit in which the final samples are split across ranks)
 EVAL_BATCH = 500
+#: training examples drawn for a network's data-dependent initialisation (DiffFlow.init_from_data)
+DATA_INIT_EXAMPLES = 20_000
 #: fp16: this many consecutive overflowing (skipped) steps stop training
 MAX_SKIPPED_STEPS = 25
 
@@ -156,6 +158,11 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer):
 def build_state(cfg: TrainConfig, data, ctx: DistContext, shards: list[int]) -> TrainState:
     """Model, optimizer, LR schedule, EMA, grad scaler and generators of a new run on ``data``."""
     model = build_model(cfg, data.shape, ctx.device)
+    if model.wants_data_init:  # before the optimizer and the EMA copy the weights; a resumed run's checkpoint
+        # overwrites them. Its own generator: the data stream and the noise are those of a run without it
+        x = data.train_batch(DATA_INIT_EXAMPLES, np.random.default_rng([cfg.seed, 3]), device=ctx.device,
+                             dtype=DTYPES[cfg.dtype])
+        model.init_from_data(x)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = build_scheduler(cfg, opt)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
