@@ -49,7 +49,10 @@ def _assert_same_checkpoint(a_path, b_path):
 class _SignalDuringStep:
     """Hook: after step ``k`` arms a forward hook on the drift network that sends this process a real signal
     (SIGINT as Ctrl-C does, SIGTERM as ``kill`` or a scheduler does) in the middle of step ``k + 1`` -- after
-    its batch and part of its noise were drawn."""
+    its batch and part of its noise were drawn. ``signal.raise_signal`` (C ``raise``: to the calling thread, handled
+    before it returns), not ``os.kill(os.getpid(), ...)``: the kernel may hand a process-directed signal to one of
+    torch's worker threads, which can run its handler a step later on a loaded machine (a CI flake), and two such
+    signals sent back to back can merge into one."""
 
     def __init__(self, k: int, sig: int = signal.SIGINT):
         self.k, self.sig = k, sig
@@ -58,7 +61,7 @@ class _SignalDuringStep:
         if state.step == self.k:
             def fire(module, args, output):
                 handle.remove()
-                os.kill(os.getpid(), self.sig)
+                signal.raise_signal(self.sig)
 
             handle = state.model.drift.register_forward_hook(fire)
 
@@ -85,7 +88,7 @@ def test_ctrl_c_before_the_first_step_of_a_new_run_leaves_nothing(tmp_path):
     cfg = TrainConfig(**{**TINY, "iters": 5, "out": str(tmp_path / "new" / "run")})
 
     def log(msg):  # Ctrl-C while the run starts (the banner is printed after the folder was created)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False, final_eval=False, log=log)
@@ -98,7 +101,7 @@ def test_ctrl_c_during_the_final_save_keeps_a_complete_checkpoint_and_skips_the_
     real = loop.save_checkpoint
 
     def save_then_interrupt(path, **kw):  # Ctrl-C arrives while the final checkpoint is being written
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         return real(path, **kw)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt)
@@ -118,8 +121,8 @@ def test_second_ctrl_c_aborts_at_once_and_keeps_the_previous_checkpoint(tmp_path
         if state.step == 3:
             def fire(module, args, output):
                 handle.remove()
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
 
             handle = state.model.drift.register_forward_hook(fire)
 
