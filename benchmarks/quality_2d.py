@@ -61,6 +61,8 @@ DIST_BINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, np.inf)  # distance of out
 class Points:
     """50k points of a set, split 90/10 and standardised by the training split (as the trainer does)."""
 
+    shape = (2,)  # the trainer's data-source interface (with train_batch)
+
     def __init__(self, name: str | toy2d.Toy2D, n: int = 50_000, seed: int = 0):
         self.ds = name if isinstance(name, toy2d.Toy2D) else toy2d.get(name)
         self.name = self.ds.name
@@ -82,8 +84,6 @@ class Points:
 
     def x(self, z: torch.Tensor) -> np.ndarray:
         return z.detach().double().numpy() * self.std + self.mean
-
-    shape = (2,)
 
     def batch(self, n: int, rng: np.random.Generator) -> torch.Tensor:
         return self.z(self.train[rng.integers(0, len(self.train), size=n)])

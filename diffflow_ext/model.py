@@ -350,8 +350,8 @@ class DiffFlow(nn.Module):
     def init_from_data(self, x: Tensor) -> None:
         """Data-dependent initialisation of the networks that ask for one (the points preset's Fourier features,
         ``TimeMLP(x_init="data")``) from training examples ``x`` in model space, shape ``(B, *data_shape)``
-        (the training loop passes 20000); call it once, before the first step and before an optimizer or an EMA copies
-        the weights. Networks without one are left as they are."""
+        (the training loop passes ``training.loop.DATA_INIT_EXAMPLES``); call it once, before the first step and
+        before an optimizer or an EMA copies the weights. Networks without one are left as they are."""
         x = self._check_data("x", x, check_dtype=False)
         for net in (self.drift, self.score):
             if getattr(net, "wants_data_init", False):

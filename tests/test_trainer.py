@@ -49,10 +49,8 @@ def _assert_same_checkpoint(a_path, b_path):
 class _SignalDuringStep:
     """Hook: after step ``k`` arms a forward hook on the drift network that sends this process a real signal
     (SIGINT as Ctrl-C does, SIGTERM as ``kill`` or a scheduler does) in the middle of step ``k + 1`` -- after
-    its batch and part of its noise were drawn. ``signal.raise_signal`` (C ``raise``: to the calling thread, handled
-    before it returns), not ``os.kill(os.getpid(), ...)``: the kernel may hand a process-directed signal to one of
-    torch's worker threads, which can run its handler a step later on a loaded machine (a CI flake), and two such
-    signals sent back to back can merge into one."""
+    its batch and part of its noise were drawn. ``signal.raise_signal`` (C ``raise``: delivered to the calling thread
+    before it returns) rather than a process-directed ``os.kill``, which the kernel may hand to another thread."""
 
     def __init__(self, k: int, sig: int = signal.SIGINT):
         self.k, self.sig = k, sig

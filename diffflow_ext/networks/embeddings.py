@@ -88,8 +88,8 @@ class FourierFeatures(nn.Module):
         if not isinstance(self.proj, nn.Parameter):
             raise ValueError("init_from_data: the projection is fixed (learnable=False); a data-chosen one must be a "
                              "trained parameter to be stored in checkpoints")
-        x = x.detach().reshape(x.shape[0], -1).to(device=self.proj.device, dtype=torch.float64)
-        if x.shape[1] != self.dim or x.shape[0] < 1 or not torch.isfinite(x).all():
+        x = x.detach().to(device=self.proj.device, dtype=torch.float64)
+        if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1 or not torch.isfinite(x).all():
             raise ValueError(f"init_from_data: expected finite examples of shape (n, {self.dim}), got {tuple(x.shape)}")
         k = self.out_dim // 2
         w = self.proj[:, :k].to(torch.float64)  # (dim, k): the sin columns (the cos columns are equal at init)
